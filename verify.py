@@ -1,0 +1,443 @@
+"""verify.py: the automatic answer checker that is RISE's only reward signal.
+
+RISE (Recursive Introspection, Qu et al. 2024) learns from nothing but whether an attempt's final answer is
+right: data collection keeps the best of several attempts per turn and weights each turn by its reward (paper
+§5), and the evaluation metrics m1@t1, m1@t5 and p1@t5 count correct answers (§8). A bug here trains on
+noise, so this file is deliberately strict about what it accepts and never guesses. It also splits wrong
+solutions into arithmetic slips and other errors for the error analysis of §6, by re-doing every stated
+calculation ("16 - 3 - 4 = 9", GSM8K's "<<16-3-4=9>>") in exact rational arithmetic.
+
+    extract_answer(response)         -> "2,125", "\\frac{1}{2}", ... or None    (last answer in the text)
+    parse_reference(reference)       -> the final answer of a GSM8K/MATH solution or of a bare answer
+    to_number(answer)                -> Fraction or None        answers_equal(a, b) -> bool
+    is_correct(response, reference)  -> bool                    reward(response, reference) -> 1.0 / 0.0 / -1.0
+    canonical_answer(answer)         -> a string to majority-vote on (m5@t1, m1@t5)
+    check_steps(text) -> [Step]      arithmetic_errors(text) -> the Steps that are wrong
+
+Conventions (decided here, tested in tests/test_verify.py):
+- The LAST answer by position wins, among `\\boxed{}`, `#### N`, "The answer is N" and "Final answer: N". Only if
+  there is none, the last number of the text counts (lm-evaluation-harness's "flexible" GSM8K match), unless
+  strict=True.
+- Numbers compare exactly as Fractions, ignoring `$`, `%`, thousands commas, a trailing period or units word
+  and a leading "x =": "18.00" == "18", "$1,000.50" == "1000.5", "0.5" == "1/2" == "\\frac{1}{2}", "5%" == "5"
+  (GSM8K writes percentages without the sign, so `%` is dropped rather than read as /100).
+- A comma is a thousands separator only in groups of three ("2,125"). "1,5" is not guessed to be 1.5 or 15: it is
+  not a number, and compares only as a string. Numbers over 1,000 characters are likewise strings only.
+- Anything else (MATH's "x^2+1", "(A)") compares as a string with spacing, `$`, `\\left`/`\\right`, `\\!` and
+  `\\text{}` wrappers removed.
+It never executes its input (no eval, exec or sympy), never raises, and its time grows linearly with the input
+(a 1 MB input takes well under a second).
+"""
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+MAX_NUMBER_CHARS = 1000  # longer "numbers" are compared as strings (and int() refuses > 4300 digits)
+MAX_BITS = 10_000  # step checking gives up on values larger than about 10^3000 ("9^9^9^9")
+MAX_EXPR_CHARS = 100_000  # longer "calculations" are not checked
+MAX_STEPS = 1000  # a real solution states a few dozen calculations at most
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding the final answer of a response
+# ---------------------------------------------------------------------------------------------------------
+
+# A number as models write it: sign, "$", digits with commas, decimals, "a/b", "%". Loose on purpose (to_number
+# decides what it means). A sign right after a digit or a word is a minus, not part of the number ("10-3", "x - 3").
+_SIGN = r"(?:[-+−](?<![0-9A-Za-z)\]][-+−])(?<![0-9)\]] [-+−]))?"
+_LOOSE_NUMBER = (_SIGN + r"(?:\\?\$ ?)?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)"
+                 r"(?: ?/ ?[0-9][0-9,]*(?:\.[0-9]+)?)?(?: ?\\?%)?")
+_TEX_FRACTION = r"[-+−]?\\[dt]?frac ?\{[^{}]{1,60}\} ?\{[^{}]{1,60}\}"
+_CAPTURE = rf"({_TEX_FRACTION}|{_LOOSE_NUMBER})"
+# what may sit between "answer is" and the number: spaces, **bold**, $math$, \text{...}
+_MARKUP = r"(?:[\s*_$]|\\\(|\\\[|\\text\{|\\textbf\{|\\mathbf\{){0,8}"
+
+
+def _nested_braces(depth: int) -> str:
+    """A regex for text whose braces are balanced, nested up to `depth` deep ("normal* (special normal*)*", which
+    cannot backtrack catastrophically). Real answers nest 2 deep: \\boxed{\\frac{\\sqrt{3}}{2}}."""
+    pattern = r"[^{}]*"
+    for _ in range(depth):
+        pattern = r"[^{}]*(?:\{" + pattern + r"\}[^{}]*)*"
+    return pattern
+
+
+# every quantifier below is bounded or unambiguous, so no input makes these regexes backtrack for long
+_BOXED = re.compile(r"\\(?:boxed|fbox) {0,3}\{(" + _nested_braces(6) + r")\}")
+_PHRASE = re.compile(r"(?i:answer)(?:\s{0,3}(?i:is|was|=|:|will\s{1,3}be)){0,2}" + _MARKUP + _CAPTURE)
+_HASHES = re.compile(r"####" + _MARKUP + _CAPTURE)
+_ANY_NUMBER = re.compile(f"{_TEX_FRACTION}|{_LOOSE_NUMBER}")
+
+
+def _boxed_contents(text: str) -> list[tuple[int, str]]:
+    """(position, content) of every complete \\boxed{...}, nested braces included: \\boxed{\\frac{1}{2}}."""
+    return [(m.start(1), m.group(1)) for m in _BOXED.finditer(text)]
+
+
+def _tidy(answer: str) -> str:
+    return answer.strip().rstrip(",").strip()
+
+
+def extract_answer(text: str, strict: bool = False) -> str | None:
+    """The final answer of a response as written ("2,125", "\\frac{1}{2}"), or None if it gives none.
+
+    The last of `\\boxed{}`, `#### N`, "the answer is N", "final answer: N" counts; with none of those, the last
+    number in the text, unless `strict` (then None)."""
+    if not isinstance(text, str):
+        return None
+    candidates = [(pos, _tidy(box)) for pos, box in _boxed_contents(text)]
+    for pattern in (_PHRASE, _HASHES):
+        candidates += [(m.start(1), _tidy(m.group(1))) for m in pattern.finditer(text)]
+    candidates = [c for c in candidates if c[1]]  # an empty \boxed{} is no answer
+    if candidates:
+        return max(candidates, key=lambda c: c[0])[1]
+    if strict:
+        return None
+    numbers = _ANY_NUMBER.findall(text)
+    return _tidy(numbers[-1]) if numbers else None
+
+
+def parse_reference(reference: str) -> str | None:
+    """The final answer of a reference: the text after GSM8K's last `####`, else the last \\boxed{} of a MATH
+    solution, else the reference itself (a bare answer such as "2,125" or "\\frac{1}{2}")."""
+    if not isinstance(reference, str):
+        return None
+    if "####" in reference:
+        answer = reference[reference.rfind("####") + 4:].strip().split("\n")[0].strip()
+    elif boxes := _boxed_contents(reference):
+        answer = boxes[-1][1].strip()
+    else:
+        answer = reference.strip()
+    return answer or None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparing two answers
+# ---------------------------------------------------------------------------------------------------------
+
+_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\s*\{([^{}]*)\}")
+_MARKUP_REPLACEMENTS = [("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", " "), ("\\ ", " "),
+                        ("\\$", ""), ("$", ""), ("\\%", "%"), ("−", "-"), ("\\dfrac", "\\frac"),
+                        ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("**", ""),
+                        ("\\displaystyle", "")]
+
+
+def _strip_markup(answer: str) -> str:
+    """Remove what does not change an answer's meaning: LaTeX spacing and sizing, $ signs, \\text{} wrappers."""
+    answer = _WRAPPER.sub(r" \1 ", answer)
+    for old, new in _MARKUP_REPLACEMENTS:
+        answer = answer.replace(old, new)
+    return answer.strip().rstrip(".").strip()
+
+
+# Decimals: "2,125" (groups of three only), "18", "18.00", ".5"
+_DECIMAL = r"(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
+_NUMBER = re.compile(
+    rf"(?:[A-Za-z]\s*=\s*)?([-+]?)\s*"                                    # "x = ", sign
+    rf"(?:({_DECIMAL})(?:\s*/\s*({_DECIMAL}))?"                          # 18, 1,000.50, 1/2
+    rf"|\\frac\s*\{{\s*([-+]?\s*(?:{_DECIMAL}))\s*\}}\s*\{{\s*([-+]?\s*(?:{_DECIMAL}))\s*\}}"  # \frac{1}{2}
+    rf"|\\frac([0-9])([0-9]))"                                            # \frac12
+    r"\s*%?(?:\s+(?!pi\b)[A-Za-z]{2,}(?:\s+[A-Za-z]+){0,3})?")           # 5%, "18 dollars", "5 cm"
+
+
+def _decimal(text: str) -> Fraction:
+    """Exact value of a validated decimal string: "1,000.50" -> 2001/2, "-18 000" -> -18000. No floats."""
+    text = text.replace(",", "").replace(" ", "")
+    sign = -1 if text.startswith("-") else 1
+    whole, _, fraction = text.lstrip("+-").partition(".")
+    if not fraction:
+        return Fraction(sign * int(whole or "0"))
+    return Fraction(sign * (int(whole or "0") * 10 ** len(fraction) + int(fraction)), 10 ** len(fraction))
+
+
+def to_number(answer: str) -> Fraction | None:
+    """The exact value of an answer, or None if it is not a plain number (or over MAX_NUMBER_CHARS long)."""
+    if not isinstance(answer, str) or len(answer) > 4 * MAX_NUMBER_CHARS:
+        return None
+    text = _strip_markup(answer)
+    m = _NUMBER.fullmatch(text) if len(text) <= MAX_NUMBER_CHARS else None
+    if m is None:
+        return None
+    sign, num, den, tex_num, tex_den, digit_num, digit_den = m.groups()
+    try:
+        if num:
+            value = _decimal(num) / _decimal(den) if den else _decimal(num)
+        elif tex_num:
+            value = _decimal(tex_num) / _decimal(tex_den)
+        else:
+            value = Fraction(int(digit_num), int(digit_den))
+    except ZeroDivisionError:  # "1/0" is not a number
+        return None
+    return -value if sign == "-" else value
+
+
+def _normalise_text(answer: str) -> str:
+    return "".join(_strip_markup(answer).split()).rstrip(".")
+
+
+def answers_equal(a: str, b: str) -> bool:
+    """Same number (exactly), or, if either is not a number, the same text once markup is stripped."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    x, y = to_number(a), to_number(b)
+    if x is not None and y is not None:
+        return x == y
+    a, b = _normalise_text(a), _normalise_text(b)
+    return bool(a) and a == b
+
+
+def canonical_answer(answer: str) -> str | None:
+    """One string per distinct answer, for majority votes: "1/2" for "0.5" and "\\frac{1}{2}"."""
+    if not isinstance(answer, str):
+        return None
+    value = to_number(answer)
+    return str(value) if value is not None else (_normalise_text(answer) or None)
+
+
+def is_correct(response: str, reference: str, strict: bool = False) -> bool:
+    """Does the response's final answer equal the reference's? `reference` is a bare answer ("2,125") or a
+    whole GSM8K solution ending in "#### N" (or a MATH solution with a \\boxed{} answer)."""
+    return reward(response, reference, strict) == 1.0
+
+
+def reward(response: str, reference: str, strict: bool = False) -> float:
+    """The official RISE code's reward: 1.0 correct, 0.0 wrong (or no usable reference), -1.0 when the response
+    has no parsable answer (so that RISE's weight exp(reward / 0.4) ranks an answerless turn lowest)."""
+    predicted = extract_answer(response, strict)
+    if predicted is None:
+        return -1.0
+    expected = parse_reference(reference)
+    return 1.0 if expected is not None and answers_equal(predicted, expected) else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checking the arithmetic a solution states (error analysis, paper §6)
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Step:
+    """One stated calculation: `expression` = `stated`. `value` is the exact value of `expression` (None on a
+    division by zero); `ok` says whether `stated` agrees with it."""
+    expression: str
+    stated: str
+    value: Fraction | None
+    ok: bool
+
+
+class _Unsupported(Exception):
+    """Not something we can check: not arithmetic, or too big."""
+
+
+_TEX_OPERATORS = [("\\times", "×"), ("\\cdot", "·"), ("\\div", "÷"), ("\\left", ""), ("\\right", ""),
+                  ("\\$", "$"), ("\\%", "%"), ("{,}", ","), ("\\(", " "), ("\\)", " "), ("\\[", " "),
+                  ("\\]", " "), ("**", " "), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac")]
+_TEX_FRAC = re.compile(r"\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_ANNOTATION = re.compile(r"<<([^<>]*)>>")  # GSM8K's calculator annotations
+# A run of arithmetic: digits, operators, parentheses, "$", "%", "=", with "," and "." only inside numbers and
+# "x" only between numbers. Runs neither start nor end with a space, and letters end them.
+_CHAR = (r"(?:[0-9$%()\[\]+\-−–*/×÷·^=]|(?<=[0-9]),(?=[0-9])|\.(?=[0-9])"
+         r"|(?<=[0-9) ])x(?=\s?[0-9(]))")
+_RUN = re.compile(rf"{_CHAR}(?:[ \t]*{_CHAR})*")
+_TOKEN = re.compile(r"\s*(?:((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+)|(//|[-+*/^()%]))")
+# "25 / 1/3" means 25 ÷ (1/3): a tight fraction after a spaced division sign is one number
+_TIGHT_FRACTION = re.compile(r"(?<=/ )([0-9.]+/[0-9.]+)(?![0-9./])")
+# "17/3 = 5 and 2/3": a mixed number is a sum
+_MIXED_NUMBER = re.compile(r"\b([0-9]+) and (\(?[0-9]+/[0-9]+\)?)")
+_DANGLING = re.compile(r"[-+*/^×÷·x](?![0-9.(])|[+*/^×÷·x]")  # an operator whose other operand is a word
+_TO_ASCII = str.maketrans({"×": "*", "x": "*", "·": "*", "÷": "/", "−": "-", "–": "-",  # en dash: GSM8K's minus
+                           "[": "(", "]": ")", "$": " "})
+_LEADING_NUMBER = re.compile(r"\s*([-+]?)\s*((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]{1,3}(?: [0-9]{3})+(?![0-9])|[0-9]+)"
+                             r"(?:\.([0-9]+))?)")
+_LEADING_ZEROS = {f"0{d}" for d in range(10)}
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "neg": 3, "^": 4}
+
+
+def _apply(op: str, values: list[Fraction]) -> None:
+    if op == "neg":
+        values.append(-values.pop())
+        return
+    b, a = values.pop(), values.pop()
+    if op == "^":
+        # only small integer powers: 9^9^9^9 would take forever and all memory
+        if b.denominator != 1 or max(a.numerator.bit_length(), a.denominator.bit_length(), 1) * abs(b) > MAX_BITS:
+            raise _Unsupported
+        result = a ** int(b)  # 0 ** -1 raises ZeroDivisionError, as it should
+    elif op == "+":
+        result = a + b
+    elif op == "-":
+        result = a - b
+    elif op == "*":
+        result = a * b
+    elif op == "/":
+        result = a / b  # raises ZeroDivisionError on "/ 0"
+    else:  # "//", Python's floor division, which GSM8K's calculator annotations use
+        result = Fraction(a // b)
+    if max(result.numerator.bit_length(), result.denominator.bit_length()) > MAX_BITS:
+        raise _Unsupported
+    values.append(result)
+
+
+def _push(op: str, ops: list[str], values: list[Fraction]) -> None:
+    # first apply what binds at least as tightly ("^" is right-associative: 2^3^2 = 2^9)
+    while ops and ops[-1] != "(" and (_PRECEDENCE[ops[-1]] > _PRECEDENCE[op]
+                                      or (_PRECEDENCE[ops[-1]] == _PRECEDENCE[op] and op != "^")):
+        _apply(ops.pop(), values)
+    ops.append(op)
+
+
+def _evaluate(expression: str) -> tuple[Fraction, int]:
+    """Exact value of an arithmetic expression and its number of binary operators, by shunting-yard (iterative,
+    so 10,000 nested parentheses are fine). Raises ZeroDivisionError, or _Unsupported for anything else."""
+    if len(expression) > MAX_EXPR_CHARS:
+        raise _Unsupported
+    text = _TIGHT_FRACTION.sub(r"(\1)", expression.translate(_TO_ASCII).strip())
+    values, ops, binary_ops, expect_operand, pos = [], [], 0, True, 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise _Unsupported
+        pos = m.end()
+        number, tok = m.groups()
+        if number:
+            # "3 4" is not arithmetic, and "0900 - 0130" is a clock, not a subtraction
+            if not expect_operand or len(number) > MAX_NUMBER_CHARS or number[:2] in _LEADING_ZEROS:
+                raise _Unsupported
+            values.append(_decimal(number))
+            expect_operand = False
+        elif tok == "(":
+            if not expect_operand:  # "2(3 + 4)"
+                _push("*", ops, values)
+                binary_ops += 1
+            ops.append("(")
+            expect_operand = True
+        elif tok == ")":
+            if expect_operand:
+                raise _Unsupported
+            while ops and ops[-1] != "(":
+                _apply(ops.pop(), values)
+            if not ops:
+                raise _Unsupported
+            ops.pop()
+        elif tok == "%":
+            if expect_operand:
+                raise _Unsupported
+            values.append(values.pop() / 100)
+        elif expect_operand:  # a sign
+            if tok == "-":
+                ops.append("neg")
+            elif tok != "+":
+                raise _Unsupported
+        else:
+            _push(tok, ops, values)
+            binary_ops += 1
+            expect_operand = True
+    if expect_operand:
+        raise _Unsupported
+    while ops:
+        op = ops.pop()
+        if op == "(":
+            raise _Unsupported
+        _apply(op, values)
+    return values[0], binary_ops
+
+
+def _agrees(value: Fraction, expression: str, stated: str) -> bool | None:
+    """Does `stated` equal `value`? Exactly, or rounded to the decimals it shows ("10/3 = 3.33", "7/2 = 4").
+    Where a "%" appears, a factor of 100 either way is forgiven ("1.2 x 100% = 120"). In a sloppy chain such
+    as "5 + 3 = 8 + 2 = 10", "8 + 2" is read as stating 8. None: `stated` is no number, so this is no step."""
+    values = [value, value * 100, value / 100] if "%" in expression + stated else [value]
+    try:
+        if _evaluate(stated)[0] in values:
+            return True
+        readable = True
+    except (_Unsupported, ZeroDivisionError):
+        readable = False
+    stated = stated.translate(_TO_ASCII)
+    m = _LEADING_NUMBER.match(stated)
+    if m is None or len(m.group(2)) > MAX_NUMBER_CHARS:
+        return False if readable else None
+    sign, number, decimals = m.groups()
+    number = -_decimal(number) if sign == "-" else _decimal(number)
+    rest = stated[m.end():].strip()
+    if rest in ("", "%"):  # a plain number: forgive rounding to the decimals shown
+        half_unit = Fraction(1, 2 * 10 ** len(decimals or ""))
+        return any(abs(v - number) <= half_unit for v in values)
+    if rest[0] in "+-*":  # a chain going on ("= 8 + 2 = 10"), not a fraction ("= 3/5")
+        return number in values
+    return False if readable else None
+
+
+def _trim(segment: str) -> str:
+    """Drop parentheses that belong to the surrounding text: "(so 3 + 4 = 7)" -> "3 + 4", "7"."""
+    segment = segment.strip()
+    start, extra = 0, segment.count("(") - segment.count(")")
+    while extra > 0 and start < len(segment) and segment[start] in "( ":
+        extra -= segment[start] == "("
+        start += 1
+    end = len(segment)
+    while extra < 0 and end > start and segment[end - 1] in ") ":
+        extra += segment[end - 1] == ")"
+        end -= 1
+    return segment[start:end].strip()
+
+
+def _chain_steps(chain: str, annotation: bool = False) -> list[Step]:
+    """Steps of "a = b = c": a = b and b = c, where the left side is a calculation (has an operator)."""
+    sides = [" ".join(_trim(side).split()).replace("$ ", "$") for side in chain.split("=", MAX_STEPS)]
+    steps = []
+    for left, right in zip(sides, sides[1:]):
+        # "M + 4 + 2 = 8", "3*30 = 30 + M": a word is part of the calculation, so we cannot check it
+        if not left or not right or _DANGLING.match(right[-1]) or (_DANGLING.match(left) and not annotation):
+            continue
+        try:
+            value, binary_ops = _evaluate(left)
+        except ZeroDivisionError:
+            value, binary_ops = None, 1
+        except _Unsupported:
+            continue
+        ok = _agrees(value, left, right) if value is not None else False  # "5 / 0 = 0" is wrong
+        if binary_ops and ok is not None:
+            steps.append(Step(left, right, value, ok))
+    return steps
+
+
+def _key(step: Step) -> tuple[str, str]:
+    return tuple(re.sub(r"[\s,$]", "", s.translate(_TO_ASCII)) for s in (step.expression, step.stated))
+
+
+def check_steps(text: str) -> list[Step]:
+    """Every calculation the text states, in order, each re-done exactly: GSM8K annotations "<<16-3-4=9>>" and
+    plain equations "16 - 3 - 4 = 9", "$80,000 × 1.5 = $120,000", "10/3 = 3.33", "\\frac{3}{4} \\times 8 = 6".
+    A calculation stated twice, as GSM8K does ("16 - 3 - 4 = <<16-3-4=9>>9"), is one step."""
+    if not isinstance(text, str):
+        return []
+    for old, new in _TEX_OPERATORS:
+        text = text.replace(old, new)
+    text = _TEX_FRAC.sub(r"((\1)/(\2))", text).replace("{", "(").replace("}", ")")
+    text = _MIXED_NUMBER.sub(r"(\1+\2)", text)
+    found = []  # (position, is_annotation, step)
+    for m in _ANNOTATION.finditer(text):
+        found += [(m.start(), True, step) for step in _chain_steps(m.group(1), annotation=True)]
+        if len(found) >= MAX_STEPS:
+            break
+    # blank the annotations out (same length, so positions still order the steps) and read the visible text
+    visible = _ANNOTATION.sub(lambda m: " " * len(m.group()), text)
+    for m in _RUN.finditer(visible):
+        if len(found) >= MAX_STEPS:
+            break
+        chain = m.group()
+        # "8/3 = 24/Y", "2A + 3 = 9": a letter glued to the run makes its end (or start) algebra
+        if m.end() < len(visible) and visible[m.end()].isalpha():
+            chain = chain[:chain.rfind("=")] if "=" in chain else chain
+        if m.start() > 0 and visible[m.start() - 1].isalpha():
+            chain = chain[chain.find("=") + 1:]
+        if "=" in chain:
+            found += [(m.start(), False, step) for step in _chain_steps(chain)]
+    annotated = {_key(step) for _, is_annotation, step in found if is_annotation}
+    found.sort(key=lambda f: f[0])
+    return [step for _, is_annotation, step in found if is_annotation or _key(step) not in annotated][:MAX_STEPS]
+
+
+def arithmetic_errors(text: str) -> list[Step]:
+    """The stated calculations of `text` that are wrong."""
+    return [step for step in check_steps(text) if not step.ok]
