@@ -1,0 +1,157 @@
+"""rise.py: AWR arithmetic against hand-computed values, the loss mask, one AWR step, the metrics on
+hand-written trajectories, and whole tiny runs (checkpoint loads in transformers; --resume)."""
+
+import json
+import math
+
+import pytest
+import torch
+import transformers
+
+import data
+import model as M
+import rise
+from rise import Candidate, Episode
+
+
+def test_advantages_and_weights_by_hand():
+    rewards = [1.0, 0.0, 0.0, -1.0]  # mean 0
+    assert rise.advantages(rewards) == [1.0, 0.0, 0.0, -1.0]
+    std = math.sqrt((1 + 0 + 0 + 1) / 4)
+    assert rise.advantages(rewards, normalize=True) == pytest.approx([1 / std, 0, 0, -1 / std], rel=1e-4)
+    assert rise.advantages([1.0, 0.0, 0.0, 0.0]) == [0.75, -0.25, -0.25, -0.25]
+    assert rise.awr_weights([0.75, -0.25], beta=0.5, max_weight=20) == pytest.approx([math.exp(1.5), math.exp(-0.5)])
+    assert rise.awr_weights([5.0, 0.0], beta=1.0, max_weight=20) == [20.0, 1.0]  # clipped at the maximum
+    assert rise.official_weight(1.0) == pytest.approx(math.exp(2.5))
+    assert rise.official_weight(-1.0) == pytest.approx(math.exp(-2.5))
+
+
+def test_wilson_interval_by_hand():
+    lo, hi = rise.wilson_interval(50, 100)
+    assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert rise.wilson_interval(0, 10)[0] == 0.0 and rise.wilson_interval(10, 10)[1] == 1.0
+
+
+def cand(answer, right):
+    return Candidate(f"#### {answer}", answer, 1.0 if right else (0.0 if answer is not None else -1.0))
+
+
+def test_metrics_from_hand_written_trajectories():
+    p = data.Problem("q", "#### 7", "p")
+    # sequential episodes: (answers per turn, right?)
+    seq = [Episode(p, "neutral", [[cand("3", False)], [cand("7", True)], [cand("7", True)]], [0, 0, 0]),
+           Episode(p, "neutral", [[cand("7", True)], [cand("3", False)], [cand("3", False)]], [0, 0, 0]),
+           Episode(p, "neutral", [[cand(None, False)], [cand("4", False)], [cand("7", True)]], [0, 0, 0])]
+    assert rise.p1_at(seq, 1) == [False, True, False]
+    assert rise.p1_at(seq, 3) == [True, True, True]
+    # m1@2: tie 3 vs 7 -> the most recent (7) for ep0; 7 vs 3 -> 3 for ep1; ep2: None does not vote, 4 wins
+    assert rise.m1_at(seq, 2) == [True, False, False]
+    assert rise.m1_at(seq, 3) == [True, False, True]  # ep2: 4 vs 7 tie -> the latest, 7
+    parallel = [Episode(p, "neutral", [[cand("3", False), cand("7", True), cand("3", False)]], [0])]
+    assert rise.pass_at(parallel, 1) == [False] and rise.pass_at(parallel, 2) == [True]
+    assert rise.maj_at(parallel, 2) == [True] and rise.maj_at(parallel, 3) == [False]
+    # kept candidates decide `correct`, not the best of the turn
+    ep = Episode(p, "oracle", [[cand("3", False), cand("7", True)]], [1])
+    assert ep.correct == [True] and ep.attempts == ["#### 7"]
+
+
+@pytest.fixture(scope="module")
+def toy_policy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("toy")
+    tok = M.Tokenizer(data.write_toy_tokenizer(path / "tok"))
+    torch.manual_seed(0)
+    args = rise.toy_args(rise.ToyRecipe(dim=64, n_layers=2), tok.vocab_size)
+    args.eos_ids = (tok.eos_id,)
+    return rise.Policy(M.Transformer(args).eval(), tok, data.TOY_PROMPTS)
+
+
+def test_training_examples_mask_exactly_the_candidate(toy_policy):
+    p = data.Problem("Ann has 2 cups. She gets 3 more. How many cups now?", "2+3=5\n#### 5", "t")
+    turn1 = [Candidate("2+3=6\n#### 6", "6", 0.0), Candidate("2+3=5\n#### 5", "5", 1.0)]
+    turn2 = [Candidate("2+3=5\n#### 5", "5", 1.0), Candidate("2+3=7\n#### 7", "7", 0.0)]
+    ep = Episode(p, "oracle", [turn1, turn2], [0, 0])
+    cfg = rise.Config(normalize_advantages=False, beta=1.0)
+    examples = rise.training_examples([ep], toy_policy, cfg)
+    tok = toy_policy.tokenizer
+    assert [e.turn for e in examples] == [1, 1, 2, 2]
+    assert [e.weight for e in examples] == pytest.approx([math.exp(-0.5), math.exp(0.5), math.exp(0.5), math.exp(-0.5)])
+    for e, c in zip(examples, turn1 + turn2):
+        trained = [i for i, m in zip(e.ids, e.mask) if m]
+        assert tok.decode(trained, skip_special_tokens=False) == c.text + "</a>"
+        # the state before it: the question, and at turn 2 the kept (wrong) first attempt + oracle feedback
+        context = tok.decode([i for i, m in zip(e.ids, e.mask) if not m], skip_special_tokens=False)
+    assert context == f"<u>{p.question}<a>2+3=6\n#### 6</a><u>Wrong. Try again.<a>"
+    # uniform turns carry no signal and are dropped; the official weighting keeps only the kept attempts
+    flat = Episode(p, "oracle", [[turn1[0], turn1[0]]], [0])
+    assert rise.training_examples([flat], toy_policy, cfg) == []
+    official = rise.training_examples([ep], toy_policy, rise.Config(weighting="official"))
+    assert [e.weight for e in official] == pytest.approx([math.exp(0.0), math.exp(2.5)])  # kept: wrong, right
+
+
+def test_one_awr_step_raises_the_correct_candidate_most(toy_policy):
+    torch.manual_seed(0)
+    policy = rise.Policy(M.Transformer(toy_policy.model.args), toy_policy.tokenizer, data.TOY_PROMPTS)
+    p = data.Problem("Bob has 9 pens. He loses 4. How many pens now?", "9-4=5\n#### 5", "t")
+    cands = [Candidate("9-4=5\n#### 5", "5", 1.0)] + [Candidate(f"9-4={v}\n#### {v}", str(v), 0.0) for v in (3, 6, 7)]
+    examples = rise.training_examples([Episode(p, "oracle", [cands], [0])], policy, rise.Config(beta=0.5))
+
+    def loglik():
+        ids, mask, _ = rise.batch_tensors(examples, policy.tokenizer.pad_id, "cpu")
+        with torch.no_grad():
+            return ((rise.token_logprobs(policy.model, ids) * mask[:, 1:]).sum(1)).tolist()
+
+    before = loglik()
+    cfg = rise.Config(lr=1e-3, epochs=1, batch_size=4, micro_batch=2, warmup=0.0)
+    rise.train(policy.model, examples, cfg, policy.tokenizer.pad_id)
+    gain = [a - b for a, b in zip(loglik(), before)]
+    assert gain[0] > 0 and gain[0] > max(gain[1:])
+
+
+def tiny_run_args(out, *extra):
+    return ["--toy-pretrain-steps", "40", "--train-problems", "12", "--eval-problems", "10", "--turns", "2",
+            "--samples", "3", "--iterations", "1", "--keep-uniform-turns", "--lr", "1e-3", "--out", str(out), *extra]
+
+
+def test_tiny_run_writes_a_checkpoint_both_load(tmp_path):
+    rise.main(tiny_run_args(tmp_path / "run"))
+    out = tmp_path / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"base", "iter1"}
+    for name in metrics:
+        assert set(metrics[name]) >= {"p1", "m1", "pass", "maj"}
+        assert all(len(metrics[name][k]) == 2 and set(metrics[name][k][0]) >= {"acc", "lo", "hi"}
+                   for k in ("p1", "m1", "pass", "maj"))
+    assert (out / "metrics.png").stat().st_size > 1000
+    assert len((out / "iter1" / "trajectories.jsonl").read_text().splitlines()) == 12
+    ours, tok = M.load(out / "iter1" / "policy", device="cpu")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "iter1" / "policy", dtype=torch.float32)
+    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": "Ann has 3 eggs."}]),
+                                   add_special_tokens=False)])
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() <= 1e-4
+    base, _ = M.load(json.loads((out / "config.json").read_text())["model"] == "toy" and
+                     rise.build_toy_base(rise.ToyRecipe(steps=40)), device="cpu")
+    assert not torch.equal(base(ids), ours(ids))  # training changed the policy
+
+
+def test_resume_after_interruption_reaches_the_same_result(tmp_path, monkeypatch):
+    rise.main(tiny_run_args(tmp_path / "straight"))
+    real_train = rise.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rise, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rise.main(tiny_run_args(tmp_path / "resumed"))
+    state = json.loads((tmp_path / "resumed" / "state.json").read_text())["done"]
+    assert state == ["eval:base", "collect:1"] and not (tmp_path / "resumed" / "iter1" / "policy").exists()
+    with pytest.raises(SystemExit, match="--resume"):
+        rise.main(tiny_run_args(tmp_path / "resumed"))
+    monkeypatch.setattr(rise, "train", real_train)
+    rise.main(tiny_run_args(tmp_path / "resumed", "--resume"))
+    for name in ("metrics.json", "iter1/trajectories.jsonl"):
+        assert (tmp_path / "straight" / name).read_text() == (tmp_path / "resumed" / name).read_text()
+    a, _ = M.load(tmp_path / "straight" / "iter1" / "policy", device="cpu")
+    b, _ = M.load(tmp_path / "resumed" / "iter1" / "policy", device="cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
