@@ -176,14 +176,13 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    # HF layout: a head's first half pairs with its second half (not interleaved pairs as in Meta's code)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the Hugging Face layout, where a head's first half pairs with its second
+    half (not interleaved pairs as in Meta's code): x * cos + rotate_half(x) * sin, with
+    rotate_half(x) = cat(-x2, x1). roll(x) = cat(x2, x1), so the minus sign lives in the table
+    (signed_sin = cat(-sin, sin)) and the rotation is three kernels instead of six; on a CPU, decoding
+    one token is dominated by the number of small kernels, not by their arithmetic."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 class RMSNorm(nn.Module):
@@ -193,10 +192,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in float32 whatever the model dtype: bf16 squares lose too much (and HF does the same)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if x.dtype != torch.float32:
+            # bf16 squares lose too much: normalise in float32 and cast back before scaling, as HF does
+            return self.weight * self.normalize(x.float()).to(x.dtype)
+        return self.weight * self.normalize(x)  # (skipping the casts: even a no-op one costs a call)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
 
 
 class Attention(nn.Module):
@@ -210,16 +212,26 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, Hkv, D)
+        # rotate queries and keys together: one set of rotary kernels instead of two
+        qk = apply_rope(torch.cat((q, k), dim=2), cos, sin)  # (B, T, H + Hkv, D)
+        q, k = qk[:, :, :H], qk[:, :, H:]
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, Hkv, kv_len, D): this row's whole history
-        # mask None means plain causal over this chunk (the no-cache training path)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            k, v = cache.update(layer, k, v)  # (B, kv_len, Hkv, D): this row's whole history
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, kv_len, D)
+        if T == 1 and cache is not None:
+            # Decoding: the H / Hkv query heads that share a kv head become that many queries of one
+            # head, so each cached key and value is read once rather than once per query head.
+            # No mask means every row sees all kv_len keys (see Transformer.forward).
+            y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)
+        else:
+            # no mask means plain causal attention within this chunk (training, or a cache's first chunk)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=Hkv != H).transpose(1, 2)  # (B, T, H, D)
+        return self.o_proj(y.reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -270,62 +282,114 @@ class Transformer(nn.Module):
         return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
 
     def rope_tables(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (n, head_dim) in float32 for positions 0..n-1 (recomputed only when n grows)."""
+        """cos and signed sin (n, head_dim) in float32 for positions 0..n-1 (see apply_rope);
+        recomputed only when n grows."""
         if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != torch.device(device):
             n = max(n, min(self.args.max_seq_len, 4096))
             freqs = torch.outer(torch.arange(n, dtype=torch.float32), rope_frequencies(self.args)).to(device)
-            emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim), rotate_half layout
-            self._rope = (emb.cos(), emb.sin())
+            # (n, head_dim): both halves of a head share frequencies; the first half's sine is negated
+            self._rope = (torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1))
         return self._rope
 
     def forward(self, tokens: torch.Tensor, cache: "KVCache | None" = None, valid: torch.Tensor | None = None,
-                last_only: bool = False, return_hidden: bool = False) -> torch.Tensor:
+                last_only: bool = False, return_hidden: bool = False, *, compiled: bool = False) -> torch.Tensor:
         """Logits of a (B, T) batch of token ids.
 
         Without `cache` (training): a plain causal pass over positions 0..T-1, returns (B, T, vocab).
         With `cache`: row b's tokens are appended at positions cache.lengths[b]..; `valid` (B, T) bool
         marks real tokens -- they must come first in each row (right padding) -- and the cache advances
-        by that many per row. `last_only` returns (B, vocab) logits at each row's last valid token only,
-        all that sampling needs. `return_hidden` returns the final normed hidden states instead of
-        logits (rise.py computes the loss from them in chunks).
+        by that many per row (None: all are real). Give `valid` on the CPU: the cache's bookkeeping is
+        done there, so nothing is read back from the device. `last_only` returns (B, vocab) logits at
+        each row's last valid token only, all that sampling needs. `return_hidden` returns the final
+        normed hidden states instead of logits (rise.py computes the loss from them in chunks).
+        `compiled` runs decoding steps (a cache, T == 1, no autograd) through torch.compile (see
+        compiled_body); any other call ignores it.
         """
         B, T = tokens.shape
         device = tokens.device
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=device)
+        window = self.args.sliding_window
+        compiled = compiled and cache is not None and T == 1 and not torch.is_grad_enabled()  # decoding only
         if cache is None:
-            positions = torch.arange(T, device=device).expand(B, T)
             cos, sin = self.rope_tables(T, device)
-            cos, sin = cos[:T][None, None], sin[:T][None, None]  # (1, 1, T, D)
-            mask = None
-            if self.args.sliding_window is not None and T > self.args.sliding_window:
-                mask = attention_mask(positions, valid, T, self.args.sliding_window)
+            cos, sin = cos[:T][None, :, None], sin[:T][None, :, None]  # (1, T, 1, D)
+            mask = None  # plain causal
+            if window is not None and T > window:
+                positions = torch.arange(T, device=device).expand(B, T)
+                mask = attention_mask(positions, None if valid is None else valid.to(device), T, window)
         else:
-            positions = cache.begin(valid)  # (B, T) absolute position of each token in its row
+            valid = None if valid is None else valid.cpu()
+            if valid is not None and bool(valid.all()):
+                valid = None  # no padding: the cheaper paths below may apply
+            positions = cache.begin(T, valid)  # (B, T) absolute position of each token in its row (CPU)
+            start = int(cache.lengths[0])
             cos, sin = self.rope_tables(cache.capacity, device)
-            pos = positions.clamp(max=cos.shape[0] - 1)
-            cos, sin = cos[pos][:, None], sin[pos][:, None]  # (B, 1, T, D)
-            mask = attention_mask(positions, valid, cache.kv_len, self.args.sliding_window)
-        x = self.model.embed_tokens(tokens)  # (B, T, dim)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # tables are float32; rotate in the model's dtype as HF does
-        for i, layer in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            if cache.aligned:  # every row at the same positions: one set of rotary rows serves all
+                cos, sin = cos[start:start + T][None, :, None], sin[start:start + T][None, :, None]  # (1, T, 1, D)
             else:
-                x = layer(x, cos, sin, mask, cache, i)
+                pos = positions.clamp(max=cos.shape[0] - 1).to(device)  # (padding may run past the end)
+                cos, sin = cos[pos][:, :, None], sin[pos][:, :, None]  # (B, T, 1, D)
+            # No mask is needed where plain attention already shows each query the right keys: all of
+            # them (one new token per row) or a causal triangle (the first chunk of every row). The
+            # compiled step always takes one, so that it is one graph rather than two.
+            plain = cache.aligned and (T == 1 or start == 0) and (window is None or cache.kv_len <= window)
+            mask = None
+            if not plain or compiled:
+                mask = attention_mask(positions.to(device), None if valid is None else valid.to(device),
+                                      cache.kv_len, window)
+        dtype = self.model.embed_tokens.weight.dtype
+        if dtype != cos.dtype:  # tables are float32; rotate in the model's dtype as HF does
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        if mask is not None:  # additive, built once: SDPA would convert a bool mask in every layer
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+
+        body = compiled_body() if compiled else Transformer.body
+        x = body(self, tokens, cos, sin, mask, cache)  # (B, T, dim)
         if cache is not None:
-            cache.commit(valid)
-        if last_only:
-            last = valid.sum(1) - 1  # index of each row's last valid token
-            x = x[torch.arange(B, device=device), last.clamp(min=0)][:, None]  # (B, 1, dim)
-        x = self.model.norm(x)
+            cache.commit()
+        if last_only and T > 1:
+            if valid is None:
+                x = x[:, -1:]
+            else:  # each row's last valid token
+                last = (valid.sum(1) - 1).clamp(min=0).to(device)
+                x = x[torch.arange(B, device=device), last][:, None]  # (B, 1, dim)
         if return_hidden:
             return x[:, 0] if last_only else x
         logits = F.linear(x, self.output_weight())  # (B, T or 1, vocab)
         return logits[:, 0] if last_only else logits
 
+    def body(self, tokens, cos, sin, mask, cache=None) -> torch.Tensor:
+        """Token ids (B, T) -> final normed hidden states (B, T, dim): all the arithmetic of forward()
+        but the output matrix, and none of its bookkeeping, so that torch.compile can take it whole."""
+        x = self.model.embed_tokens(tokens)  # (B, T, dim)
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
+        return self.model.norm(x)
 
-def attention_mask(positions: torch.Tensor, valid: torch.Tensor, kv_len: int, window: int | None) -> torch.Tensor:
+
+_compiled_body = None
+
+
+def compiled_body():
+    """Transformer.body through torch.compile, made on first use; opt-in with generate(compile=True).
+
+    A decoding step on a CPU is ~20 small kernels per layer around 7 matrix-vector products, and
+    launching those one by one from Python costs a large fraction of the time the products take.
+    Compiled, the small kernels fuse into a few C++ loops per layer. Shapes are dynamic (batch
+    size, capacity and kv length vary), so it compiles twice (batch 1, and any larger batch), not
+    every step: about a minute each for a 30-layer model on 2 CPU cores. Weights are read, not
+    copied, so training updates show up in the next compiled step; eager stays the default.
+    """
+    global _compiled_body
+    if _compiled_body is None:
+        _compiled_body = torch.compile(Transformer.body, dynamic=True)
+    return _compiled_body
+
+
+def attention_mask(positions: torch.Tensor, valid: torch.Tensor | None, kv_len: int,
+                   window: int | None) -> torch.Tensor:
     """(B, 1, T, kv_len) bool: query at absolute position p sees keys j <= p (and j > p - window).
 
     Padding queries see everything: their outputs are thrown away, and a fully masked row would
@@ -335,7 +399,8 @@ def attention_mask(positions: torch.Tensor, valid: torch.Tensor, kv_len: int, wi
     allowed = keys[None, None, :] <= positions[:, :, None]  # (B, T, kv_len)
     if window is not None:
         allowed &= keys[None, None, :] > positions[:, :, None] - window
-    allowed |= ~valid[:, :, None]
+    if valid is not None:
+        allowed |= ~valid[:, :, None]
     return allowed[:, None]
 
 
@@ -347,11 +412,12 @@ def attention_mask(positions: torch.Tensor, valid: torch.Tensor, kv_len: int, wi
 class KVCache:
     """Keys and values of B conversations, each with its own length.
 
-    k[layer] is (B, n_kv_heads, capacity + 1, head_dim). Row b holds lengths[b] tokens. A forward pass
-    writes each valid token at its row's next position; padding tokens all go to the spare last
-    column, which no query ever reads. `pending[b]` holds tokens that belong to row b's conversation
-    but have not been run through the model yet (the last sampled token of each turn): the next call
-    of `generate` feeds them first.
+    k[layer] is (B, capacity + 1, n_kv_heads, head_dim), the layout the projections produce, so a
+    forward pass writes each valid token at its row's next position with one index_copy_; padding
+    tokens all go to the spare last position, which no query ever reads. Bookkeeping (`lengths`,
+    where to write) lives on the CPU, so it never reads from the device. `pending[b]` holds tokens that
+    belong to row b's conversation but have not been run through the model yet (the last sampled
+    token of each turn): the next call of `generate` feeds them first.
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, capacity: int, dtype, device):
@@ -376,39 +442,46 @@ class KVCache:
         if capacity <= self.capacity:
             return
         capacity = min(max(capacity, 2 * self.capacity), self.args.max_seq_len)
-        shape = (self.batch_size, self.args.n_kv_heads, capacity + 1, self.args.head_dim)
+        shape = (self.batch_size, capacity + 1, self.args.n_kv_heads, self.args.head_dim)
         for store in (self.k, self.v):
             for i in range(self.args.n_layers):
                 new = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 if store[i:i + 1]:
-                    new[:, :, :self.capacity] = store[i][:, :, :self.capacity]
+                    new[:, :self.capacity] = store[i][:, :self.capacity]
                     store[i] = new
                 else:
                     store.append(new)
         self.capacity = capacity
 
-    def begin(self, valid: torch.Tensor) -> torch.Tensor:
-        """Positions (B, T) of the tokens about to be written; sets where update() writes them."""
-        B, T = valid.shape
-        n_new = valid.sum(1).cpu()
-        if int((self.lengths + n_new).max()) > self.capacity:
-            raise ValueError(f"KV cache overflow: {int((self.lengths + n_new).max())} tokens > capacity "
-                             f"{self.capacity}; call grow() first")
-        positions = self.lengths.to(valid.device)[:, None] + torch.arange(T, device=valid.device)  # (B, T)
-        # padding goes to the spare column `capacity`, which every kv slice below leaves out
-        self._write_at = torch.where(valid, positions, self.capacity)
-        self.kv_len = max(1, int((self.lengths + n_new).max()))
+    def begin(self, T: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions (B, T) (CPU) of a chunk of T tokens per row, of which valid (B, T) (CPU; None:
+        all) are real; sets where update() writes them, kv_len, and `aligned`: all rows have the
+        same length and no padding, so they share positions."""
+        B = self.batch_size
+        n_new = torch.full((B,), T) if valid is None else valid.sum(1)
+        end = self.lengths + n_new
+        if int(end.max()) > self.capacity:
+            raise ValueError(f"KV cache overflow: {int(end.max())} tokens > capacity {self.capacity}; "
+                             "call grow() first")
+        positions = self.lengths[:, None] + torch.arange(T)  # (B, T)
+        # padding goes to the spare position `capacity`, which every kv slice below leaves out
+        slots = positions if valid is None else positions.masked_fill(~valid, self.capacity)
+        rows = torch.arange(B)[:, None] * (self.capacity + 1)
+        self._write_at = (rows + slots).flatten().to(self.device)  # (B * T,) into the (B * (capacity + 1)) rows
+        self._n_new = n_new
+        self.kv_len = max(1, int(end.max()))
+        self.aligned = valid is None and bool((self.lengths == self.lengths[0]).all())
         return positions
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write this chunk's keys/values (B, Hkv, T, D) and return the cached (B, Hkv, kv_len, D)."""
-        index = self._write_at[:, None, :, None].expand_as(k)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
-        return self.k[layer][:, :, :self.kv_len], self.v[layer][:, :, :self.kv_len]
+        """Write this chunk's keys/values (B, T, Hkv, D) and return the cached (B, kv_len, Hkv, D)."""
+        width = self.args.n_kv_heads * self.args.head_dim
+        self.k[layer].view(-1, width).index_copy_(0, self._write_at, k.reshape(-1, width))
+        self.v[layer].view(-1, width).index_copy_(0, self._write_at, v.reshape(-1, width))
+        return self.k[layer][:, :self.kv_len], self.v[layer][:, :self.kv_len]
 
-    def commit(self, valid: torch.Tensor):
-        self.lengths += valid.sum(1).cpu()
+    def commit(self):
+        self.lengths += self._n_new
 
     def reorder(self, index) -> None:
         """Row i becomes a copy of old row index[i]: best-of-N continues every sample from the best one."""
@@ -447,7 +520,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
 def generate(model: Transformer, prompts: list[list[int] | None], *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, eos_ids=None, stop_strings=(),
              tokenizer: "Tokenizer | None" = None, seed: int | None = None, generator=None,
-             cache: KVCache | None = None, progress=None) -> list[list[int]]:
+             cache: KVCache | None = None, progress=None, compile: bool = False) -> list[list[int]]:
     """Sample a continuation for each prompt in one batch; returns the new token ids of each row.
 
     prompts: token ids per row, of any lengths. With `cache` (from an earlier call, or
@@ -460,6 +533,8 @@ def generate(model: Transformer, prompts: list[list[int] | None], *, max_new_tok
     temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the top_p
         nucleus. `seed` (or a torch.Generator) makes sampling reproducible.
     progress: an optional tqdm bar, advanced by one per decoding step.
+    compile: run the decoding steps through torch.compile (see compiled_body); the first call
+        compiles (about a minute per shape family on 2 CPU cores), later ones reuse it.
     """
     B = len(prompts)
     eos_ids = set(model.args.eos_ids if eos_ids is None else eos_ids)
@@ -497,19 +572,21 @@ def generate(model: Transformer, prompts: list[list[int] | None], *, max_new_tok
     for b, f in enumerate(feed):
         tokens[b, :len(f)] = torch.tensor(f, dtype=torch.long)
         valid[b, :len(f)] = True
-    logits = model(tokens.to(device), cache=cache, valid=valid.to(device), last_only=True)
+    logits = model(tokens.to(device), cache=cache, valid=valid, last_only=True)  # valid stays on the CPU
 
     out: list[list[int]] = [[] for _ in range(B)]
     done = [not a for a in active]
     longest_stop = max((len(s) for s in stop_strings), default=0)
     for step in range(max_new_tokens):
-        next_tokens = sample(logits, temperature, top_p, generator).tolist()
+        next_ids = sample(logits, temperature, top_p, generator)  # (B,) on the device
+        next_tokens = next_ids.tolist()  # the one device -> host copy per step: stopping is decided here
+        full = (cache.lengths >= cache.capacity).tolist()  # a full cache means the context is used up
         for b in range(B):
             if done[b]:
                 continue
             out[b].append(next_tokens[b])
-            if next_tokens[b] in eos_ids or int(cache.lengths[b]) >= cache.capacity:
-                done[b] = True  # (a full cache means the context is used up)
+            if next_tokens[b] in eos_ids or full[b]:
+                done[b] = True
             elif stop_strings:
                 # a stop string spans at most len(s) tokens, each of which decodes to >= 1 character
                 tail = tokenizer.decode(out[b][-(longest_stop + 1):], skip_special_tokens=False)
@@ -518,9 +595,9 @@ def generate(model: Transformer, prompts: list[list[int] | None], *, max_new_tok
             progress.update(1)
         if all(done) or step == max_new_tokens - 1:
             break
-        step_valid = torch.tensor([not d for d in done], device=device)[:, None]
-        logits = model(torch.tensor(next_tokens, device=device)[:, None], cache=cache, valid=step_valid,
-                       last_only=True)
+        # finished rows still ride along (as padding, written nowhere that is read) to keep the batch whole
+        step_valid = torch.tensor([not d for d in done])[:, None] if any(done) else None
+        logits = model(next_ids[:, None], cache=cache, valid=step_valid, last_only=True, compiled=compile)
     for b in range(B):
         if active[b] and out[b]:
             cache.pending[b] = [out[b][-1]]  # sampled, not yet run through the model
@@ -605,6 +682,7 @@ class Tokenizer:
 
 def compile_chat_template(source: str):
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
@@ -743,20 +821,24 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None)
 
 
 def save(model: Transformer, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-         config: dict | None = None) -> Path:
+         config: dict | None = None, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write a Hugging Face-format checkpoint (config.json, model.safetensors, tokenizer files) that
-    both `load` and transformers read. Atomic: written beside `path`, then renamed into place."""
+    both `load` and transformers read. Atomic: written beside `path`, then renamed into place.
+    state_dict: the weights to write if not the model's own (a gathered FSDP state); dtype: the
+    dtype to store them in (default: as they are)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        dtype = model.model.embed_tokens.weight.dtype
+        state = state_dict if state_dict is not None else model.state_dict()
+        dtype = dtype or next(iter(state.values())).dtype
         config = dict(config or model.args.to_config())
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        # clone: safetensors refuses tensors that share memory (views of one buffer)
+        state = {k: v.detach().to("cpu", dtype).clone() for k, v in state.items()}
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer_dir is not None:
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -775,3 +857,70 @@ def save(model: Transformer, path: str | os.PathLike, tokenizer_dir: str | os.Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA: low-rank adapters in plain PyTorch (Hu et al. 2021)
+# --------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Linear):
+    """A frozen projection plus a trainable low-rank update: y = x W^T + (x A^T) B^T * alpha / rank.
+
+    B starts at zero, so the model is unchanged until training moves it. The adapters are float32
+    whatever the base dtype (they are few, and bf16 would round away small updates). `weight` keeps
+    its name, so the Hugging Face key of the base matrix is unchanged; the adapters add
+    `.lora_A` / `.lora_B` beside it.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.register_parameter("bias", None)
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=self.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own initialisation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return F.linear(x, self.weight) + (update * self.scale).to(x.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + B A * scale, computed in float32, in W's dtype."""
+        return (self.weight.float() + (self.lora_B @ self.lora_A) * self.scale).to(self.weight.dtype)
+
+
+def add_lora(model: Transformer, rank: int, alpha: float, targets=LORA_TARGETS) -> int:
+    """Freeze every weight and put rank-`rank` adapters on the attention and MLP projections; returns
+    the number of trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in targets:
+                if isinstance(getattr(parent, name, None), nn.Linear):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge_lora(model: Transformer) -> None:
+    """Fold every adapter into its weight and put plain nn.Linear modules back: the model is then an
+    ordinary checkpoint (same keys as Hugging Face's), and computes what it did with the adapters."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                plain = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+                plain.weight = nn.Parameter(child.merged_weight().detach(), requires_grad=True)
+                setattr(module, name, plain)
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def lora_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The adapters alone (what a LoRA run trains), by their full module names."""
+    return {name: p for name, p in model.named_parameters() if ".lora_" in name}
