@@ -142,8 +142,7 @@ GSM8K_PROMPTS = Prompts(
 )
 
 # The toy model reads characters: every character of a prompt costs compute, so these are as short as can be.
-TOY_PROMPTS = Prompts(instruction="{question}", oracle_feedback="Wrong. Try again.",
-                      neutral_feedback="Check and try again.")
+TOY_PROMPTS = Prompts(instruction="{question}", oracle_feedback="Wrong.", neutral_feedback="Retry.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +365,7 @@ def toy_splits(n_train: int, n_test: int, seed: int, **difficulty) -> tuple[list
     return train, test
 
 
-# A compact chat template: "<u>question<a>attempt</a><u>Wrong. Try again.<a>". "</a>" closes an
+# A compact chat template: "<u>question<a>attempt</a><u>Wrong.<a>". "</a>" closes an
 # assistant turn and is the EOS token; the generation prompt is "<a>".
 TOY_CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}<a>{{ m['content'] }}</a>"

@@ -31,6 +31,7 @@ iterK/policy/ (a Hugging Face checkpoint), eval_NAME.jsonl, and state.json (the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -68,7 +69,7 @@ class Config:
     turns: int = 5  # T: attempts per episode
     samples: int = 4  # N: candidates sampled per turn during collection (best-of-N)
     iterations: int = 1  # collect -> train -> evaluate rounds (the paper's Iteration 1, 2)
-    collect_feedback: str = "oracle"  # oracle: stop at the first correct answer; neutral: never told
+    collect_feedback: str = "oracle"  # oracle: told "incorrect", stops when right; neutral: never told; mixed: half each
     context: str = "all"  # all: the state holds every earlier attempt (paper); last: only the latest
     temperature: float = 1.0  # sampling temperature for collection and evaluation (official: 1.0)
     top_p: float = 1.0
@@ -85,9 +86,14 @@ class Config:
     warmup: float = 0.04  # fraction of steps with a linear warm-up (official: 0.04), then cosine decay
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    lora_rank: int = 0  # > 0: train rank-R LoRA adapters on every projection instead of all weights
+    lora_alpha: float = 32.0  # LoRA scale alpha / rank
+    grad_checkpoint: bool = False  # recompute each layer's activations in backward: ~layers x less memory
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP) instead of DDP
+    amp: bool | None = None  # bfloat16 autocast in training; default: on for CUDA and bf16-capable CPUs
     rows_per_batch: int = 64  # sequences sampled together per generate call (memory vs speed)
     seed: int = 0
-    toy_pretrain_steps: int = 1200  # the toy base's pre-training length (see ToyRecipe)
+    toy_pretrain_steps: int | None = None  # shorten the toy base's pre-training (tests); see ToyRecipe
     dtype: str | None = None  # default: bfloat16 on GPU, float32 on CPU
     device: str | None = None
     out: str = "runs/rise"
@@ -95,8 +101,8 @@ class Config:
 
 # The CPU toy's defaults (rise.py with no arguments); any flag still overrides them.
 TOY_PRESET = dict(train_data="toy:train", eval_data="toy:test", train_problems=2000, eval_problems=500,
-                  samples=4, iterations=2, max_new_tokens=40, lr=3e-5, batch_size=32, micro_batch=32,
-                  rows_per_batch=512, out="runs/toy")
+                  samples=4, iterations=1, collect_feedback="mixed", max_new_tokens=40, lr=3e-5, epochs=1,
+                  batch_size=64, micro_batch=32, rows_per_batch=512, amp=False, out="runs/toy")
 
 # Short names resolved offline: $RISE_MODELS/<name or repo name>, else the Hugging Face cache.
 MODEL_NAMES = {
@@ -243,17 +249,20 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns:
 
 def rollout_all(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns: int, samples: int,
                 feedback: str, teacher: Policy | None = None, seed: int = 0, desc: str = "rollout") -> list[Episode]:
-    """rollout() over all problems in batches of about cfg.rows_per_batch rows, with a progress bar."""
+    """rollout() over all problems, in batches of about cfg.rows_per_batch rows, with a progress bar.
+    Under torchrun each rank rolls out its shard() with its own seed; every rank gets all episodes back."""
+    mine = shard(problems)
+    seed += 1_000_003 * rank()
     per_batch = max(1, cfg.rows_per_batch // samples)
     episodes = []
-    with tqdm(total=len(problems) * samples * turns, desc=desc, unit="attempt", dynamic_ncols=True,
+    with tqdm(total=len(mine) * samples * turns, desc=desc, unit="attempt", dynamic_ncols=True,
               disable=not is_main()) as bar:
-        for start in range(0, len(problems), per_batch):
-            episodes += rollout(policy, problems[start:start + per_batch], cfg, turns=turns, samples=samples,
+        for start in range(0, len(mine), per_batch):
+            episodes += rollout(policy, mine[start:start + per_batch], cfg, turns=turns, samples=samples,
                                 feedback=feedback, teacher=teacher, seed=seed + start, progress=bar)
         bar.total = bar.n
         bar.refresh()
-    return episodes
+    return gather_episodes(episodes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,45 +365,91 @@ def lr_at(step: int, total: int, warmup: float) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def use_amp(cfg: Config, device: torch.device) -> bool:
+    """bfloat16 autocast pays off on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16)."""
+    if cfg.amp is not None:
+        return cfg.amp
+    if device.type == "cuda":
+        return True
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def wrap_for_training(model: M.Transformer, cfg: Config):
+    """The module the training loop calls: the model itself, or DDP/FSDP around it under torchrun.
+    PyTorch's own engines do all communication (gradient all-reduce, sharding)."""
+    if not distributed():
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    device = model.model.embed_tokens.weight.device
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
 def train(model: M.Transformer, examples: list[Example], cfg: Config, pad_id: int, seed: int = 0,
           desc: str = "train") -> dict:
     """Weighted fine-tuning (AWR) of `model` in place: `epochs` passes over the examples, AdamW,
-    batch_size examples per optimizer step in micro-batches of micro_batch (gradient accumulation)."""
+    batch_size examples per optimizer step in micro-batches of micro_batch (gradient accumulation).
+
+    Under torchrun every rank holds all examples and takes every world_size-th of each step's batch;
+    gradients are averaged by DDP (or FSDP), so a step equals one process on the whole batch.
+    """
     if not examples:
         return {"steps": 0, "loss": float("nan"), "examples": 0}
     device = model.model.embed_tokens.weight.device
-    params = [p for p in model.parameters() if p.requires_grad]
+    model.gradient_checkpointing = cfg.grad_checkpoint
+    module = wrap_for_training(model, cfg)
+    params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     rng = random.Random(seed)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, cfg.warmup))
-    model.train()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp(cfg, device))
+    R, W = rank(), world_size()
+    module.train()
     losses = []
     with tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=not is_main()) as bar:
         for _ in range(cfg.epochs):
             order = examples[:]
             rng.shuffle(order)
             for start in range(0, len(order), cfg.batch_size):
-                batch = order[start:start + cfg.batch_size]
-                # micro-batches of similar length waste less compute on padding
-                batch.sort(key=lambda e: len(e.ids))
+                batch = sorted(order[start:start + cfg.batch_size], key=lambda e: len(e.ids))  # less padding
+                mine = batch[R::W]
+                # every rank runs the same number of micro-batches (the gradient sync happens on the last);
+                # a rank short of examples runs a zero-weight copy of one
+                n_micro = math.ceil(math.ceil(len(batch) / W) / cfg.micro_batch)
+                mine += [dataclasses.replace(batch[0], weight=0.0)] * (n_micro * cfg.micro_batch - len(mine))
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for m in range(0, len(batch), cfg.micro_batch):
-                    ids, mask, weights = batch_tensors(batch[m:m + cfg.micro_batch], pad_id, device)
-                    loss = awr_loss(model, ids, mask, weights) / len(batch)
-                    loss.backward()
-                    step_loss += loss.item()
+                step_loss = torch.zeros((), device=device)
+                for m in range(n_micro):
+                    last = m == n_micro - 1
+                    sync = contextlib.nullcontext()
+                    if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not last:
+                        sync = module.no_sync()
+                    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP
+                        module.set_requires_gradient_sync(last)
+                    ids, mask, weights = batch_tensors(mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch],
+                                                       pad_id, device)
+                    with sync:
+                        with amp:  # DDP averages over ranks: scale by W so the step's loss is the batch mean
+                            loss = awr_loss(module, ids, mask, weights) * W / len(batch)
+                        loss.backward()
+                    step_loss += loss.detach()
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 schedule.step()
-                losses.append(step_loss)
+                if distributed():
+                    torch.distributed.all_reduce(step_loss)
+                losses.append(step_loss.item() / W)
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     model.eval()
-    return {"steps": total, "loss": sum(losses[-steps_per_epoch:]) / min(len(losses), steps_per_epoch),
-            "examples": len(examples)}
+    n = min(len(losses), steps_per_epoch)
+    return {"steps": total, "loss": sum(losses[-n:]) / n, "examples": len(examples)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,7 +519,6 @@ def evaluate(policy: Policy, problems: list[data.Problem], cfg: Config, seed: in
         "parallel": rollout_all(policy, problems, cfg, turns=1, samples=T, feedback="neutral", seed=seed + 2,
                                 desc=f"eval {name}: parallel"),
     }
-    runs = {k: gather_episodes(v) for k, v in runs.items()}
     metrics = {
         "p1": [summarize(p1_at(runs["oracle"], t)) for t in range(1, T + 1)],
         "m1": [summarize(m1_at(runs["neutral"], t)) for t in range(1, T + 1)],
@@ -576,14 +630,53 @@ class RunState:
 # --------------------------------------------------------------------------------------------
 
 
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if distributed() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if distributed() else 1
+
+
 def is_main() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
+    return rank() == 0
+
+
+def barrier() -> None:
+    if distributed():
+        torch.distributed.barrier()
+
+
+def init_distributed() -> str | None:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); returns this rank's device."""
+    if "RANK" not in os.environ or distributed():
+        return None
+    cuda = torch.cuda.is_available()
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(device)
+        return device
+    return "cpu"
+
+
+def shard(problems: list) -> list:
+    """This rank's problems: every world_size-th, starting at its rank."""
+    return problems[rank()::world_size()]
 
 
 def gather_episodes(episodes: list[Episode]) -> list[Episode]:
-    """Every rank's episodes, in problem order (a single process returns them as they are)."""
-    return episodes
+    """Every rank's episodes (of its shard()), back in problem order, on every rank."""
+    if not distributed():
+        return episodes
+    parts = [None] * world_size()
+    torch.distributed.all_gather_object(parts, episodes)
+    total = sum(len(p) for p in parts)
+    return [parts[i % len(parts)][i // len(parts)] for i in range(total)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,17 +686,23 @@ def gather_episodes(episodes: list[Episode]) -> list[Episode]:
 
 @dataclass
 class ToyRecipe:
-    """How the CPU toy's base model is made. The base imitates a noisy student: a fresh attempt is right
-    with probability p_right (a wrong one has one arithmetic slip, carried through the later steps),
-    and when asked to try again it repeats its previous attempt with probability p_repeat -- the paper's
-    observation (§1, §7) that prompting a model to try again mostly gets the same answer back."""
+    """How the CPU toy's base model is made, in two phases of pre-training from scratch:
+      1. arithmetic: single-turn problems with their correct solutions, until it can add and subtract;
+      2. episodes of a noisy student: a fresh attempt is right with probability p_right (a wrong one
+         has one arithmetic slip, carried through the later steps), and when asked to try again it
+         repeats its previous attempt with probability p_repeat -- the paper's observation (§1, §7)
+         that a model prompted to try again mostly hands back the same answer.
+    The result answers some but far from all problems at turn 1 and gains little from later turns:
+    the starting point RISE is meant to improve."""
     n_train: int = 20_000  # toy problems (data.toy_splits); RISE later trains on a subset of these
     n_test: int = 500
     seed: int = 0
-    p_right: float = 0.45
+    max_value: int = 30  # every number in a problem is at most this (data.make_toy_problems)
+    p_right: float = 0.4
     p_repeat: float = 0.6
     turns: int = 5
-    steps: int = 1200  # optimizer steps of pre-training
+    arithmetic_steps: int = 700  # optimizer steps of phase 1
+    episode_steps: int = 250  # optimizer steps of phase 2
     batch_size: int = 64
     lr: float = 2e-3
     dim: int = 128
@@ -611,6 +710,9 @@ class ToyRecipe:
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    def split(self) -> dict:
+        return dict(n_train=self.n_train, n_test=self.n_test, seed=self.seed, max_value=self.max_value)
 
 
 def toy_args(recipe: ToyRecipe, vocab_size: int) -> M.ModelArgs:
@@ -665,13 +767,19 @@ def all_turns_example(tokenizer: M.Tokenizer, messages: list[dict], eos_ids) -> 
     return Example(ids, mask, 1.0, 0)
 
 
+def toy_recipe(cfg: Config) -> ToyRecipe:
+    """The recipe a run uses; --toy-pretrain-steps N shortens both phases (N each) for quick tests."""
+    n = cfg.toy_pretrain_steps
+    return ToyRecipe() if n is None else ToyRecipe(arithmetic_steps=n, episode_steps=n)
+
+
 def toy_cache_dir() -> Path:
     return Path(os.environ.get("RISE_CACHE", "~/.cache/rise")).expanduser()
 
 
 def build_toy_base(recipe: ToyRecipe | None = None, cache_dir: Path | None = None) -> Path:
-    """The toy base checkpoint: a tiny Llama trained from scratch on the noisy student's episodes, saved
-    in Hugging Face format and loaded back like any checkpoint. Built once per recipe, then cached."""
+    """The toy base checkpoint: a tiny Llama trained from scratch (see ToyRecipe), saved in Hugging Face
+    format and loaded back like any checkpoint. Built once per recipe, then cached."""
     recipe = recipe or ToyRecipe()
     path = (cache_dir or toy_cache_dir()) / f"toy-base-{recipe.key()}"
     if (path / "config.json").is_file():
@@ -685,14 +793,21 @@ def build_toy_base(recipe: ToyRecipe | None = None, cache_dir: Path | None = Non
     for name, p in model.named_parameters():  # GPT-2 style init: small normal weights, unit norms
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
-    train_problems, _ = data.toy_splits(recipe.n_train, recipe.n_test, recipe.seed)
+    problems, _ = data.toy_splits(**recipe.split())
     rng = random.Random(recipe.seed)
-    n_examples = recipe.steps * recipe.batch_size
-    examples = [all_turns_example(tokenizer, toy_episode(train_problems[i % len(train_problems)], recipe, rng)[0],
-                                  args.eos_ids) for i in range(n_examples)]
-    cfg = Config(lr=recipe.lr, epochs=1, batch_size=recipe.batch_size, micro_batch=recipe.batch_size,
-                 warmup=0.05, weight_decay=0.1)
-    stats = train(model, examples, cfg, tokenizer.pad_id, seed=recipe.seed, desc="toy base: pre-train")
+    eos = args.eos_ids
+    draw = lambda n: [problems[rng.randrange(len(problems))] for _ in range(n)]  # noqa: E731
+    phases = [("arithmetic", recipe.arithmetic_steps,
+               lambda p: data.state_messages(p, [], data.TOY_PROMPTS) + [{"role": "assistant", "content": p.answer}]),
+              ("noisy episodes", recipe.episode_steps, lambda p: toy_episode(p, recipe, rng)[0])]
+    stats = {}
+    for name, steps, make in phases:
+        examples = [all_turns_example(tokenizer, make(p), eos) for p in draw(steps * recipe.batch_size)]
+        # float32: at this width bf16 autocast's casts cost more than its matrix units save (a phase-1
+        # step took 650 ms with it, 360 ms without, on the 2-core Sapphire Rapids of README)
+        cfg = Config(lr=recipe.lr, epochs=1, batch_size=recipe.batch_size, micro_batch=recipe.batch_size,
+                     warmup=0.05, weight_decay=0.1, amp=False)
+        stats[name] = train(model, examples, cfg, tokenizer.pad_id, seed=recipe.seed, desc=f"toy base: {name}")
     M.save(model, path, tokenizer_dir=tmp_tok)
     write_atomic(path / "recipe.json", json.dumps({**dataclasses.asdict(recipe), **stats}, indent=1))
     shutil.rmtree(tmp_tok, ignore_errors=True)
@@ -706,18 +821,152 @@ def tempfile_dir(parent: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Memory: what a run needs, estimated before it starts
+# --------------------------------------------------------------------------------------------
+
+
+def parameter_count(args: M.ModelArgs) -> int:
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    per_layer = args.dim * (q + 2 * kv) + q * args.dim + 3 * args.dim * args.hidden_dim + 2 * args.dim
+    embeddings = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
+    return embeddings + args.n_layers * per_layer + args.dim
+
+
+def lora_parameter_count(args: M.ModelArgs, rank: int) -> int:
+    """A rank-r adapter on an (in -> out) projection has r * (in + out) weights; seven projections a layer."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = [(args.dim, q), (args.dim, kv), (args.dim, kv), (q, args.dim), (args.dim, args.hidden_dim),
+              (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
+    return args.n_layers * rank * sum(i + o for i, o in shapes)
+
+
+def memory_estimate(args: M.ModelArgs, cfg: Config, device_type: str, world: int = 1) -> dict[str, dict[str, float]]:
+    """GiB one device needs in each stage of a run. Stages run one after the other and free their memory,
+    so the peak is the larger of the two. A rough but conservative bill: weights, gradients, AdamW's two
+    moments, activations of one micro-batch, logits, and the KV cache of one batch of rollouts."""
+    GiB = 2 ** 30
+    P = parameter_count(args)
+    low = device_type == "cuda" if cfg.dtype is None else cfg.dtype in ("bfloat16", "float16")
+    wbytes = 2 if low else 4
+    seq = 256 + cfg.turns * (cfg.max_new_tokens + 64)  # the longest state: prompt + T attempts and feedbacks
+    kv_per_token = args.n_layers * 2 * args.n_kv_heads * args.head_dim * wbytes
+    rollout = {"weights": P * wbytes / GiB,
+               "KV cache (rows_per_batch x longest state)": cfg.rows_per_batch * seq * kv_per_token / GiB,
+               "logits of one decoding step": cfg.rows_per_batch * args.vocab_size * 4 / GiB}
+    shard = world if cfg.fsdp else 1
+    if cfg.lora_rank:
+        trainable = lora_parameter_count(args, cfg.lora_rank)
+        training = {"frozen weights": P * wbytes / GiB,
+                    "LoRA adapters + gradients + AdamW (fp32)": trainable * 16 / GiB}
+    else:
+        master = 4 if cfg.dtype is None else wbytes
+        training = {"weights (fp32 master)" if master == 4 else "weights": P * master / shard / GiB,
+                    "gradients": P * master / shard / GiB, "AdamW moments (fp32)": P * 8 / shard / GiB}
+    act_bytes = 2 if (low or use_amp(cfg, torch.device(device_type))) else 4
+    per_token_layer = (6 * args.dim + 4 * args.hidden_dim) * act_bytes  # what one layer keeps for backward
+    tokens = cfg.micro_batch * seq
+    if cfg.grad_checkpoint:  # keep each layer's input; recompute one layer at a time
+        act = tokens * (args.n_layers * args.dim * act_bytes + per_token_layer)
+    else:
+        act = tokens * args.n_layers * per_token_layer
+    training["activations (micro_batch x longest state)"] = act / GiB
+    training["logits, log-probs and their gradient"] = tokens * args.vocab_size * 10 / GiB
+    return {"rollouts": rollout, "training": training}
+
+
+def peak_gib(estimate: dict) -> float:
+    return max(sum(stage.values()) for stage in estimate.values())
+
+
+def format_estimate(estimate: dict) -> str:
+    lines = []
+    for stage, parts in estimate.items():
+        lines.append(f"  {stage}: {sum(parts.values()):.1f} GiB")
+        lines += [f"    {name:<45} {gib:8.2f} GiB" for name, gib in parts.items()]
+    return "\n".join(lines)
+
+
+def device_memory_gib(device: torch.device) -> float:
+    """Memory of one device: the GPU's own, or the machine's RAM for a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+
+
+def check_memory(base_path: Path, cfg: Config, refuse: bool = True) -> dict:
+    """Print what the run will need; refuse, naming flags that would fit, when the device has less.
+    The device is cfg.device (default: cuda if there is one); for an estimate alone (refuse=False)
+    it need not exist here, so `--estimate-memory --device cuda` plans a GPU run on a laptop."""
+    args = M.ModelArgs.from_config(json.loads((base_path / "config.json").read_text()))
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world = world_size() if distributed() else int(os.environ.get("WORLD_SIZE", "1"))  # (plan a torchrun run)
+    estimate = memory_estimate(args, cfg, device.type, world)
+    available = device_memory_gib(device) if refuse or device.type != "cuda" or torch.cuda.is_available() else None
+    if is_main():
+        have = f", {available:.0f} GiB available" if available is not None else ""
+        tqdm.write(f"memory estimate per {device.type} device ({parameter_count(args) / 1e9:.2f}B parameters"
+                   f"{have}; {world} process{'es' if world > 1 else ''}{', FSDP' if cfg.fsdp else ''}):\n{format_estimate(estimate)}")
+    if refuse and peak_gib(estimate) > 0.92 * available:
+        options = [("--grad-checkpoint", dict(grad_checkpoint=True)), ("--micro-batch 1", dict(micro_batch=1)),
+                   ("--lora-rank 16 --grad-checkpoint", dict(lora_rank=16, grad_checkpoint=True)),
+                   ("--lora-rank 16 --grad-checkpoint --micro-batch 1 --rows-per-batch 16",
+                    dict(lora_rank=16, grad_checkpoint=True, micro_batch=1, rows_per_batch=16))]
+        fits = [flags for flags, change in options
+                if peak_gib(memory_estimate(args, dataclasses.replace(cfg, **change), device.type, world))
+                <= 0.92 * available]
+        hint = f"add {fits[0]}" if fits else "shard the model over several GPUs: torchrun --nproc_per_node=8 " \
+                                            "rise.py --fsdp ..."
+        raise SystemExit(f"error: this run needs about {peak_gib(estimate):.0f} GiB per device but the {device.type} "
+                         f"device has {available:.0f} GiB. To fit, {hint}.")
+    return estimate
+
+
+# --------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------
 
 
-def load_policy(path: Path, cfg: Config, prompts: data.Prompts) -> Policy:
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-    model, tokenizer = M.load(path, dtype=dtype, device=cfg.device)
+def load_policy(path: Path, cfg: Config, prompts: data.Prompts, training: bool = False) -> Policy:
+    """A checkpoint as a Policy. For training: LoRA adapters added (only they train) if lora_rank > 0,
+    else float32 master weights (bfloat16 autocast does the arithmetic) unless --dtype says otherwise."""
+    dtype = cfg.dtype or (None if not training or cfg.lora_rank else "float32")
+    device = cfg.device
+    if training and cfg.fsdp and distributed():
+        device = "cpu"  # each rank shards the weights onto its device as it wraps them
+    model, tokenizer = M.load(path, dtype=getattr(torch, dtype) if dtype else None, device=device)
+    if training:
+        if cfg.lora_rank:
+            M.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        if cfg.fsdp and distributed() and torch.cuda.is_available():
+            model.to(torch.cuda.current_device())
     return Policy(model, tokenizer, prompts)
 
 
+def save_policy(model: M.Transformer, path: Path, base_path: Path, cfg: Config) -> None:
+    """The trained policy as a plain Hugging Face checkpoint (LoRA merged into the weights), in the dtype
+    inference uses; rank 0 writes it. Adapters alone are kept beside it (adapter.safetensors)."""
+    if cfg.lora_rank and is_main():
+        from safetensors.torch import save_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in M.lora_state_dict(model).items()},
+                  path.parent / "adapter.safetensors")
+    if cfg.lora_rank:
+        M.merge_lora(model)
+    state = None
+    if cfg.fsdp and distributed():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main():
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        M.save(model, path, tokenizer_dir=base_path, state_dict=state, dtype=dtype)
+    barrier()
+
+
 def run(cfg: Config, resume: bool = False) -> dict:
-    """The whole method: evaluate the base, then `iterations` times collect -> train -> evaluate."""
+    """The whole method: evaluate the base, then `iterations` times collect -> train -> evaluate.
+    Each stage loads what it needs from disk and marks itself done in state.json when its files are
+    written, so an interrupted run resumes at the first unfinished stage with the same result."""
     out = Path(cfg.out)
     state = RunState(out)
     if state.done and not resume:
@@ -725,24 +974,28 @@ def run(cfg: Config, resume: bool = False) -> dict:
                          f"Pass --resume to continue it, or choose another --out.")
     if resume and (out / "config.json").is_file():
         saved = json.loads((out / "config.json").read_text())
-        cfg = Config(**{**saved, "out": cfg.out})  # a resumed run keeps its own settings
+        cfg = Config(**{**saved, "out": cfg.out, "device": cfg.device})  # a resumed run keeps its settings
     elif is_main():
         write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
-    recipe = ToyRecipe(steps=cfg.toy_pretrain_steps)
+    recipe = toy_recipe(cfg)
+    if cfg.model == "toy":
+        if is_main():
+            build_toy_base(recipe)
+        barrier()
     base_path = build_toy_base(recipe) if cfg.model == "toy" else resolve_model(cfg.model)
+    check_memory(base_path, cfg)
     prompts = data.TOY_PROMPTS if cfg.train_data.startswith("toy") else data.GSM8K_PROMPTS
-    toy_split = dict(n_train=recipe.n_train, n_test=recipe.n_test, seed=recipe.seed)  # the base's own split
-    train_problems = data.load_problems(cfg.train_data, **toy_split)[:cfg.train_problems]
-    eval_problems = data.load_problems(cfg.eval_data, **toy_split)[:cfg.eval_problems]
+    train_problems = data.load_problems(cfg.train_data, **recipe.split())[:cfg.train_problems]
+    eval_problems = data.load_problems(cfg.eval_data, **recipe.split())[:cfg.eval_problems]  # the base's split
     teacher = load_policy(resolve_model(cfg.teacher), cfg, prompts) if cfg.teacher else None
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
 
-    def eval_stage(name: str, policy: Policy, seed: int):
+    def evaluate_stage(name: str, path: Path):
         if f"eval:{name}" in state:
             return
-        result, runs = evaluate(policy, eval_problems, cfg, seed, name)
+        result, runs = evaluate(load_policy(path, cfg, prompts), eval_problems, cfg, cfg.seed + 1000, name)
         metrics[name] = result
         if is_main():
             for kind, episodes in runs.items():
@@ -752,35 +1005,52 @@ def run(cfg: Config, resume: bool = False) -> dict:
             print(f"\n{format_table(metrics)}\n", flush=True)
         state.complete(f"eval:{name}")
 
+    evaluate_stage("base", base_path)
     policy_path = base_path
-    policy = load_policy(policy_path, cfg, prompts)
-    eval_stage("base", policy, cfg.seed + 1000)
     for k in range(1, cfg.iterations + 1):
         it = out / f"iter{k}"
         if f"collect:{k}" not in state:
-            episodes = rollout_all(policy, train_problems, cfg, turns=cfg.turns, samples=cfg.samples,
-                                   feedback=cfg.collect_feedback, teacher=teacher, seed=cfg.seed + 100 * k,
-                                   desc=f"iter {k}: collect")
-            episodes = gather_episodes(episodes)
+            policy = load_policy(policy_path, cfg, prompts)
+            # "mixed": every other problem with the oracle's feedback, the rest with the neutral one
+            plan = [(cfg.collect_feedback, train_problems)] if cfg.collect_feedback != "mixed" else \
+                [("oracle", train_problems[0::2]), ("neutral", train_problems[1::2])]
+            episodes = []
+            for feedback, problems in plan:
+                episodes += rollout_all(policy, problems, cfg, turns=cfg.turns, samples=cfg.samples,
+                                        feedback=feedback, teacher=teacher, seed=cfg.seed + 100 * k,
+                                        desc=f"iter {k}: collect ({feedback})")
+            del policy
             if is_main():
                 write_episodes(it / "trajectories.jsonl", episodes)
+                log_collection(episodes, k)
             state.complete(f"collect:{k}")
+        barrier()
         if f"train:{k}" not in state:
-            episodes = read_episodes(it / "trajectories.jsonl")
-            examples = training_examples(episodes, policy, cfg)
+            policy = load_policy(policy_path, cfg, prompts, training=True)
+            examples = training_examples(read_episodes(it / "trajectories.jsonl"), policy, cfg)
             torch.manual_seed(cfg.seed + k)
             stats = train(policy.model, examples, cfg, policy.tokenizer.pad_id, seed=cfg.seed + k,
                           desc=f"iter {k}: train")
+            save_policy(policy.model, it / "policy", base_path, cfg)
             if is_main():
-                M.save(policy.model, it / "policy", tokenizer_dir=base_path)
                 write_atomic(it / "train.json", json.dumps(stats, indent=1))
             state.complete(f"train:{k}")
-        policy = load_policy(it / "policy", cfg, prompts)
-        eval_stage(f"iter{k}", policy, cfg.seed + 1000)
+            del policy
+        policy_path = it / "policy"
+        evaluate_stage(f"iter{k}", policy_path)
     return metrics
 
 
-def parse_args(argv=None) -> tuple[Config, bool]:
+def log_collection(episodes: list[Episode], k: int) -> None:
+    """What collection found, turn by turn: how often some candidate was right, and how often the kept one."""
+    T = max(len(ep.turns) for ep in episodes)
+    for t in range(T):
+        live = [ep for ep in episodes if len(ep.turns) > t]
+        any_right = sum(any(c.reward == 1.0 for c in ep.turns[t]) for ep in live)
+        tqdm.write(f"iter {k} collect, turn {t + 1}: {len(live)} episodes, {any_right} with a right candidate")
+
+
+def parse_args(argv=None) -> tuple[Config, bool, bool]:
     defaults = Config()
     parser = argparse.ArgumentParser(
         description="RISE (Recursive Introspection, Qu et al. 2024): teach a model to improve its own answer over "
@@ -798,8 +1068,9 @@ def parse_args(argv=None) -> tuple[Config, bool]:
     add("--turns", type=int, default=defaults.turns, help="T, attempts per episode")
     add("--samples", type=int, default=None, help="N, candidates per turn when collecting (best-of-N)")
     add("--iterations", type=int, default=None, help="collect -> train -> evaluate rounds")
-    add("--feedback", dest="collect_feedback", choices=["oracle", "neutral"], default=defaults.collect_feedback,
-        help="collection feedback: oracle says 'incorrect' and stops at the first right answer; neutral never tells")
+    add("--feedback", dest="collect_feedback", choices=["oracle", "neutral", "mixed"], default=None,
+        help="collection feedback: oracle says 'incorrect' and stops at the first right answer; neutral never "
+             "tells; mixed: half the problems each way")
     add("--context", choices=["all", "last"], default=defaults.context,
         help="state = question + all earlier attempts (paper) or only the latest (official evaluation code)")
     add("--temperature", type=float, default=defaults.temperature, help="sampling temperature (0 = greedy)")
@@ -814,28 +1085,45 @@ def parse_args(argv=None) -> tuple[Config, bool]:
     add("--keep-uniform-turns", dest="skip_uniform_turns", action="store_false",
         help="also train on turns whose candidates all scored the same (weight 1 each)")
     add("--lr", type=float, default=None, help="AdamW peak learning rate")
-    add("--epochs", type=int, default=defaults.epochs, help="passes over the collected examples per iteration")
+    add("--epochs", type=int, default=None, help="passes over the collected examples per iteration")
     add("--batch-size", type=int, default=None, help="examples per optimizer step")
     add("--micro-batch", type=int, default=None, help="examples per forward pass (gradient accumulation)")
     add("--warmup", type=float, default=defaults.warmup, help="warm-up fraction of the steps")
     add("--rows-per-batch", type=int, default=None, help="sequences sampled together")
+    add("--lora-rank", type=int, default=defaults.lora_rank,
+        help="train rank-R LoRA adapters on the attention and MLP projections (0: full fine-tuning)")
+    add("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA scale is alpha / rank")
+    add("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
+    add("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP) instead of replicating it (DDP)")
+    add("--amp", action=argparse.BooleanOptionalAction, default=None,
+        help="bfloat16 autocast in training (default: on for CUDA and CPUs with bf16 units)")
     add("--seed", type=int, default=defaults.seed)
-    add("--toy-pretrain-steps", type=int, default=defaults.toy_pretrain_steps,
-        help="optimizer steps of the toy base model's pre-training (built once per setting, then cached)")
+    add("--toy-pretrain-steps", type=int, default=None,
+        help="optimizer steps of each phase of the toy base's pre-training (default: ToyRecipe's; the base is "
+             "built once per setting, then cached in $RISE_CACHE)")
     add("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
         help="default: bfloat16 on GPU, float32 on CPU")
     add("--device", default=None, help="default: cuda if available, else cpu")
     add("--out", default=None, help="run directory (config, trajectories, metrics, checkpoints)")
     add("--resume", action="store_true", help="continue the run in --out from its last completed stage")
+    add("--estimate-memory", action="store_true",
+        help="print the memory the run would need per device (--device cuda plans a GPU run from any machine; "
+             "the model directory needs only its config.json) and exit")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
+    estimate_only = args.pop("estimate_memory")
     preset = TOY_PRESET if args["model"] == "toy" else {}
     values = {**dataclasses.asdict(defaults), **preset, **{k: v for k, v in args.items() if v is not None}}
-    return Config(**values), resume
+    return Config(**values), resume, estimate_only
 
 
 def main(argv=None):
-    cfg, resume = parse_args(argv)
+    cfg, resume, estimate_only = parse_args(argv)
+    if estimate_only:
+        base = build_toy_base(toy_recipe(cfg)) if cfg.model == "toy" else resolve_model(cfg.model)
+        check_memory(base, cfg, refuse=False)
+        return
+    cfg.device = init_distributed() or cfg.device
     start = time.time()
     run(cfg, resume)
     if is_main():

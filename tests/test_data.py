@@ -185,7 +185,7 @@ def test_toy_state_is_short(tokenizers):
     tk, _ = tokenizers["toy"]
     toy = data.make_toy_problems(1, seed=0)[0]
     text = tk.apply_chat_template(data.state_messages(toy, ["1+1=2\n#### 2"], TOY_PROMPTS))
-    assert text == f"<u>{toy.question}<a>1+1=2\n#### 2</a><u>Wrong. Try again.<a>"
+    assert text == f"<u>{toy.question}<a>1+1=2\n#### 2</a><u>Wrong.<a>"
     neutral = data.state_messages(toy, ["x"], TOY_PROMPTS, feedback="neutral")
     assert neutral[-1]["content"] == TOY_PROMPTS.neutral_feedback
 

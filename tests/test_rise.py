@@ -80,7 +80,7 @@ def test_training_examples_mask_exactly_the_candidate(toy_policy):
         assert tok.decode(trained, skip_special_tokens=False) == c.text + "</a>"
         # the state before it: the question, and at turn 2 the kept (wrong) first attempt + oracle feedback
         context = tok.decode([i for i, m in zip(e.ids, e.mask) if not m], skip_special_tokens=False)
-    assert context == f"<u>{p.question}<a>2+3=6\n#### 6</a><u>Wrong. Try again.<a>"
+    assert context == f"<u>{p.question}<a>2+3=6\n#### 6</a><u>Wrong.<a>"
     # uniform turns carry no signal and are dropped; the official weighting keeps only the kept attempts
     flat = Episode(p, "oracle", [[turn1[0], turn1[0]]], [0])
     assert rise.training_examples([flat], toy_policy, cfg) == []
@@ -129,8 +129,7 @@ def test_tiny_run_writes_a_checkpoint_both_load(tmp_path):
                                    add_special_tokens=False)])
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max() <= 1e-4
-    base, _ = M.load(json.loads((out / "config.json").read_text())["model"] == "toy" and
-                     rise.build_toy_base(rise.ToyRecipe(steps=40)), device="cpu")
+    base, _ = M.load(rise.build_toy_base(rise.toy_recipe(rise.Config(toy_pretrain_steps=40))), device="cpu")
     assert not torch.equal(base(ids), ours(ids))  # training changed the policy
 
 
