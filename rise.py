@@ -1058,13 +1058,13 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
     parser = argparse.ArgumentParser(
         description="RISE (Recursive Introspection, Qu et al. 2024): teach a model to improve its own answer over "
                     "several turns. With no arguments: a CPU toy that builds a tiny model and shows the effect.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Flags left out take the toy's defaults with --model toy (the default) and the paper's otherwise.")
     add = parser.add_argument
     add("--model", default=defaults.model, help="checkpoint directory, a known name (" + ", ".join(MODEL_NAMES) +
         ") found offline in $RISE_MODELS or the Hugging Face cache, or 'toy'")
-    add("--teacher", default=None, help="RISE-Distill: a stronger checkpoint that writes turns 2..T")
+    add("--teacher", default=None, help="RISE-Distill: a stronger checkpoint that writes turns 2..T (default: none, RISE-Self)")
     add("--train-data", default=None, help="gsm8k:train, toy:train or a .jsonl file (question/answer fields); "
-        "GSM8K is read from $RISE_DATA_DIR (default ../shared/data)")
+        "GSM8K is read from $RISE_DATA_DIR, or else ../shared/data")
     add("--eval-data", default=None, help="gsm8k:test, math:test, toy:test or a .jsonl file")
     add("--train-problems", type=int, default=None, help="use only the first K training problems")
     add("--eval-problems", type=int, default=None, help="use only the first K evaluation problems")
@@ -1099,8 +1099,8 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
     add("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
     add("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP) instead of replicating it (DDP)")
     add("--amp", action=argparse.BooleanOptionalAction, default=None,
-        help="bfloat16 autocast in training (default: on for CUDA and CPUs with bf16 units)")
-    add("--seed", type=int, default=defaults.seed)
+        help="bfloat16 autocast in training (default: on for CUDA and CPUs with bf16 units; toy: off)")
+    add("--seed", type=int, default=defaults.seed, help="seeds sampling, shuffling and the toy's data")
     add("--toy-pretrain-steps", type=int, default=None,
         help="optimizer steps of each phase of the toy base's pre-training (default: ToyRecipe's; the base is "
              "built once per setting, then cached in $RISE_CACHE)")
@@ -1112,6 +1112,13 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
     add("--estimate-memory", action="store_true",
         help="print the memory the run would need per device (--device cuda plans a GPU run from any machine; "
              "the model directory needs only its config.json) and exit")
+    for action in parser._actions:  # say each default, and the toy's where it differs
+        if action.nargs == 0 or "default" in (action.help or "default"):  # switches, and those that say it
+            continue
+        default = action.default if action.default is not None else getattr(defaults, action.dest, None)
+        default = "all" if default is None and action.dest.endswith("_problems") else default
+        toy = TOY_PRESET.get(action.dest, default)
+        action.help += f" (default: {default}" + (f"; toy: {toy})" if toy != default else ")")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
     estimate_only = args.pop("estimate_memory")
