@@ -6,9 +6,11 @@ MODE is
   awr      one AWR optimizer step with DDP over the global batch of tests/test_scale.awr_batch()
   fsdp     the same step with FSDP (fully_shard) instead of DDP
   rollout  rise.rollout_all over tests/test_scale.rollout_problems(), each rank on its shard
-Rank 0 writes the result to OUT (weights as safetensors, episodes as JSON lines).
+Rank 0 writes the result to OUT (weights as safetensors and the step's stats beside them as .json,
+episodes as JSON lines).
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +30,7 @@ def main():
     policy = test_scale.load_toy_policy(checkpoint)
     if mode in ("awr", "fsdp"):
         cfg = test_scale.awr_config(fsdp=mode == "fsdp", device=device)
-        rise.train(policy.model, test_scale.awr_batch(policy), cfg, policy.tokenizer.pad_id, seed=0)
+        stats = rise.train(policy.model, test_scale.awr_batch(policy), cfg, policy.tokenizer.pad_id, seed=0)
         state = None
         if cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -38,6 +40,7 @@ def main():
             from safetensors.torch import save_file
             state = state if state is not None else policy.model.state_dict()
             save_file({k: v.detach().contiguous() for k, v in state.items()}, out)
+            out.with_suffix(".json").write_text(json.dumps(stats))
     elif mode == "rollout":
         episodes = rise.rollout_all(policy, test_scale.rollout_problems(), test_scale.rollout_config(), turns=2,
                                     samples=2, feedback="oracle", seed=7)

@@ -84,8 +84,11 @@ def test_one_awr_step_on_two_ranks_equals_one_process(toy_checkpoint, tmp_path, 
 
     policy = load_toy_policy(toy_checkpoint)
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
-    rise.train(policy.model, awr_batch(policy), awr_config(), policy.tokenizer.pad_id, seed=0)
+    stats = rise.train(policy.model, awr_batch(policy), awr_config(), policy.tokenizer.pad_id, seed=0)
     single = policy.model.state_dict()
+    # the loss is the same weighted mean over the whole batch (AdamW's first step hides a gradient's
+    # scale, so this is what shows that each rank's share was scaled right)
+    assert json.loads((tmp_path / "dist.json").read_text())["loss"] == pytest.approx(stats["loss"], rel=1e-6)
     assert set(distributed) == set(single)
     moved = max((single[k] - before[k]).abs().max().item() for k in single)
     assert moved > 5e-4  # the step did something (AdamW moves a weight by up to lr), so agreeing means something
