@@ -197,3 +197,22 @@ def test_memory_estimate_refuses_what_does_not_fit_and_names_flags(tmp_path, mon
     sharded = rise.memory_estimate(args, rise.Config(fsdp=True, grad_checkpoint=True, max_new_tokens=400), "cuda", 8)
     replicated = rise.memory_estimate(args, rise.Config(grad_checkpoint=True, max_new_tokens=400), "cuda", 8)
     assert sum(sharded["training"].values()) < 0.92 * 80 < sum(replicated["training"].values())
+
+
+def test_a_whole_tiny_lora_run_saves_adapters_and_a_merged_policy(tmp_path):
+    from tests.test_rise import tiny_run_args
+
+    rise.main(tiny_run_args(tmp_path / "run", "--lora-rank", "4", "--grad-checkpoint"))
+    it = tmp_path / "run" / "iter1"
+    adapters = load_file(it / "adapter.safetensors")
+    assert adapters and all(".lora_" in k for k in adapters)
+    assert any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_B"))  # trained
+    policy, _ = M.load(it / "policy", device="cpu")
+    base, _ = M.load(rise.build_toy_base(rise.toy_recipe(rise.Config(toy_pretrain_steps=40))), device="cpu")
+    merged, original = policy.state_dict(), base.state_dict()
+    assert set(merged) == set(original)  # merged: a plain checkpoint with the base's keys
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           original["model.layers.0.self_attn.q_proj.weight"])  # the adapters are in it
+    assert torch.equal(merged["model.norm.weight"], original["model.norm.weight"])  # and nothing else moved
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lora_rank"] == 4
+    assert set(json.loads((tmp_path / "run" / "metrics.json").read_text())) == {"base", "iter1"}
