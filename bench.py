@@ -18,6 +18,8 @@ each in a process of its own):
   bandwidth floor batch-1 decode must stream every weight once per token: weight bytes divided by
                   the measured copy bandwidth (bytes read + written per second, STREAM's convention)
                   is the fastest a token can be; we report what fraction of that we reach.
+  matrix products every weight matrix applied to one vector, nothing else: how much of a batch-1
+                  token is the products themselves, and how much the kernels between them
 
 Shared machines are noisy, so every timed section is the best of --reps repetitions (batch 32: of
 2; the rollout: of --rollout-reps), the engines take turns within each repetition, and the copy
@@ -73,8 +75,28 @@ def copy_bandwidth_gbs(device: str) -> float:
     return 2 * x.numel() * x.element_size() / seconds / 1e9  # read + write
 
 
-def engines(args) -> dict:
-    """name -> gen(prompts, n): greedy generation of exactly n new tokens, and the vocabulary size."""
+def matvec_seconds(model, device: str) -> float:
+    """Seconds per token of batch-1 decoding's matrix-vector products alone: every weight matrix of
+    the model (and the output matrix) applied to one vector, in turn, nothing else. What decoding
+    takes beyond this is the small kernels between them and per-step bookkeeping."""
+    import torch.nn.functional as F
+
+    matrices = [p for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name
+                and "lm_head" not in name]
+    matrices.append(model.output_weight())
+    inputs = {m.shape[1]: torch.randn(1, m.shape[1], dtype=m.dtype, device=device) for m in matrices}
+
+    def once():
+        for m in matrices:
+            F.linear(inputs[m.shape[1]], m)
+
+    with torch.no_grad():
+        once()
+        return min(timed(once, device) for _ in range(5))
+
+
+def engines(args) -> tuple[dict, object]:
+    """name -> gen(prompts, n): greedy generation of exactly n new tokens; and our model."""
     import transformers
 
     import model as M
@@ -91,14 +113,15 @@ def engines(args) -> dict:
 
     return {"ours": lambda p, n: M.generate(ours, p, max_new_tokens=n, eos_ids=[]),
             "compiled": lambda p, n: M.generate(ours, p, max_new_tokens=n, eos_ids=[], compile=True),
-            "hf": hf_gen}, ours.args.vocab_size
+            "hf": hf_gen}, ours
 
 
 def worker_speed(args) -> dict:
     """Decode and prefill rates of all engines in one process, taking turns within each repetition,
     so that a slow spell of a shared machine hits them all alike; best of `reps` (batch 32: of 2,
     its runs being long). The copy bandwidth is measured just before and after the batch-1 runs."""
-    gens, vocab = engines(args)
+    gens, ours = engines(args)
+    vocab = ours.args.vocab_size
     device, result = args.device, {"bandwidth_gbs": 0.0}
     result["compile_s"] = timed(lambda: gens["compiled"](prompts(1, vocab), 2), device)  # compiles, once
     for batch, names in ((1, ("ours", "compiled", "hf")), (32, ("ours", "hf"))):
@@ -114,6 +137,7 @@ def worker_speed(args) -> dict:
                 full[name] = min(full[name], timed(lambda: gens[name](p, NEW_TOKENS), device))
         if batch == 1:
             result["bandwidth_gbs"] = max(result["bandwidth_gbs"], copy_bandwidth_gbs(device))
+            result["matvec_s"] = matvec_seconds(ours, device)
         for name in names:
             result[f"{name}_decode_b{batch}"] = batch * (NEW_TOKENS - 1) / (full[name] - first[name])
             result[f"{name}_prefill_b{batch}"] = batch * PROMPT_LEN / first[name]
@@ -380,6 +404,10 @@ def main():
           f"bandwidth = {floor:.1f} tok/s at best; model.py reaches {speed['ours_decode_b1']:.1f} tok/s = "
           f"{100 * speed['ours_decode_b1'] / floor:.0f}% of it eagerly, {speed['compiled_decode_b1']:.1f} tok/s = "
           f"{100 * speed['compiled_decode_b1'] / floor:.0f}% compiled")
+    matvec = speed["matvec_s"]
+    print(f"of a batch-1 token's {1e3 / speed['ours_decode_b1']:.1f} ms (eager), the matrix-vector products alone take "
+          f"{1e3 * matvec:.1f} ms ({weights / matvec / 1e9:.1f} GB/s of weights; {1 / matvec:.1f} tok/s if that "
+          f"were all); the rest is the small kernels between them and per-step bookkeeping")
     seconds, (busy1, mine1) = time.perf_counter() - start, busy_seconds()
     others = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / (seconds * (os.cpu_count() or 1))
     print(f"(bench took {seconds:.0f} s; other processes kept {100 * others:.0f}% of the CPU busy meanwhile"
