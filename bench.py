@@ -95,14 +95,17 @@ def matvec_seconds(model, device: str) -> float:
         return min(timed(once, device) for _ in range(5))
 
 
-def engines(args) -> tuple[dict, object]:
-    """name -> gen(prompts, n): greedy generation of exactly n new tokens; and our model."""
+def load_engine(args, name: str):
+    """One engine, loaded: (gen(prompts, n): greedy generation of exactly n new tokens, its model,
+    its vocabulary size). name: "ours" (model.py) or "hf" (transformers)."""
+    dtype, device = getattr(torch, args.dtype), args.device
+    if name == "ours":
+        import model as M
+
+        ours, _ = M.load(args.model, dtype=dtype, device=device)
+        return (lambda p, n: M.generate(ours, p, max_new_tokens=n, eos_ids=[])), ours, ours.args.vocab_size
     import transformers
 
-    import model as M
-
-    dtype, device = getattr(torch, args.dtype), args.device
-    ours, _ = M.load(args.model, dtype=dtype, device=device)
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
 
     def hf_gen(p, n):
@@ -111,9 +114,17 @@ def engines(args) -> tuple[dict, object]:
             return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, pad_token_id=0)
 
-    return {"ours": lambda p, n: M.generate(ours, p, max_new_tokens=n, eos_ids=[]),
-            "compiled": lambda p, n: M.generate(ours, p, max_new_tokens=n, eos_ids=[], compile=True),
-            "hf": hf_gen}, ours
+    return hf_gen, hf, hf.config.vocab_size
+
+
+def engines(args) -> tuple[dict, object]:
+    """name -> gen(prompts, n) for ours (eager and compiled) and transformers; and our model."""
+    import model as M
+
+    ours_gen, ours, _ = load_engine(args, "ours")
+    hf_gen, _, _ = load_engine(args, "hf")
+    return {"ours": ours_gen, "hf": hf_gen,
+            "compiled": lambda p, n: M.generate(ours, p, max_new_tokens=n, eos_ids=[], compile=True)}, ours
 
 
 def worker_speed(args) -> dict:
@@ -146,24 +157,7 @@ def worker_speed(args) -> dict:
 
 def worker_memory(args, name: str) -> dict:
     """Peak memory of one engine alone (its own process): load, then the batch-32 generation."""
-    if name == "ours":
-        import model as M
-
-        model, _ = M.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-        gen = lambda p, n: M.generate(model, p, max_new_tokens=n, eos_ids=[])  # noqa: E731
-        vocab = model.args.vocab_size
-    else:
-        import transformers
-
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
-        model = model.to(args.device).eval()
-        vocab = model.config.vocab_size
-
-        def gen(p, n):
-            ids = torch.tensor(p, device=args.device)
-            with torch.no_grad():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, pad_token_id=0)
+    gen, _, vocab = load_engine(args, name)
     gen(prompts(32, vocab), NEW_TOKENS)
     return {"peak_mb": peak_memory_mb(args.device)}
 
