@@ -770,6 +770,13 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def default_placement(device=None, dtype: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """Where and in what precision a model runs unless told: a GPU in bfloat16 if there is one, else
+    the CPU in float32."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None) -> tuple[Transformer, Tokenizer]:
     """Load a Hugging Face Llama/Mistral checkpoint directory: returns (model in eval mode, tokenizer).
 
@@ -793,8 +800,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None)
     if tokenizer.eos_id is not None and tokenizer.eos_id not in args.eos_ids:
         args.eos_ids = (*args.eos_ids, tokenizer.eos_id)
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = default_placement(device, dtype)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}

@@ -901,7 +901,7 @@ def check_memory(base_path: Path, cfg: Config, refuse: bool = True) -> dict:
     The device is cfg.device (default: cuda if there is one); for an estimate alone (refuse=False)
     it need not exist here, so `--estimate-memory --device cuda` plans a GPU run on a laptop."""
     args = M.ModelArgs.from_config(json.loads((base_path / "config.json").read_text()))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, _ = M.default_placement(cfg.device)
     world = world_size() if distributed() else int(os.environ.get("WORLD_SIZE", "1"))  # (plan a torchrun run)
     estimate = memory_estimate(args, cfg, device.type, world)
     available = device_memory_gib(device) if refuse or device.type != "cuda" or torch.cuda.is_available() else None
@@ -933,16 +933,10 @@ def load_policy(path: Path, cfg: Config, prompts: data.Prompts, training: bool =
     """A checkpoint as a Policy. For training: LoRA adapters added (only they train) if lora_rank > 0,
     else float32 master weights (bfloat16 autocast does the arithmetic) unless --dtype says otherwise."""
     dtype = cfg.dtype or (None if not training or cfg.lora_rank else "float32")
-    device = cfg.device
-    if training and cfg.fsdp and distributed():
-        device = "cpu"  # each rank shards the weights onto its device as it wraps them
-    model, tokenizer = M.load(path, dtype=getattr(torch, dtype) if dtype else None, device=device)
-    if training:
-        if cfg.lora_rank:
-            M.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-        if cfg.fsdp and distributed() and torch.cuda.is_available():
-            model.to(torch.cuda.current_device())
-    return Policy(model, tokenizer, prompts)
+    model, tokenizer = M.load(path, dtype=getattr(torch, dtype) if dtype else None, device=cfg.device)
+    if training and cfg.lora_rank:
+        M.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    return Policy(model, tokenizer, prompts)  # (with --fsdp, wrap_for_training shards it layer by layer)
 
 
 def save_policy(model: M.Transformer, path: Path, base_path: Path, cfg: Config) -> None:
@@ -960,8 +954,7 @@ def save_policy(model: M.Transformer, path: Path, base_path: Path, cfg: Config) 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main():
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        _, dtype = M.default_placement(cfg.device, getattr(torch, cfg.dtype) if cfg.dtype else None)
         M.save(model, path, tokenizer_dir=base_path, state_dict=state, dtype=dtype)
     barrier()
 
@@ -1045,7 +1038,8 @@ def run(cfg: Config, resume: bool = False) -> dict:
 
 
 def log_collection(episodes: list[Episode], k: int) -> None:
-    """What collection found, turn by turn: how often some candidate was right, and how often the kept one."""
+    """What collection found, turn by turn: how many episodes were still going, and in how many of them
+    some candidate was right (the turns that give AWR something to learn from)."""
     T = max(len(ep.turns) for ep in episodes)
     for t in range(T):
         live = [ep for ep in episodes if len(ep.turns) > t]
