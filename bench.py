@@ -18,8 +18,10 @@ each in a process of its own):
   bandwidth floor batch-1 decode must stream every weight once per token: weight bytes divided by
                   the measured copy bandwidth (bytes read + written per second, STREAM's convention)
                   is the fastest a token can be; we report what fraction of that we reach.
-  matrix products every weight matrix applied to one vector, nothing else: how much of a batch-1
-                  token is the products themselves, and how much the kernels between them
+  matrix products every weight matrix applied to 1 (or 32) vectors, nothing else: how much of a
+                  decoding step is the products themselves, and how much the kernels between them.
+                  Both engines run these same float32 products, so they also bound what any
+                  ratio to transformers can be: a step can never take less than its products.
 
 Shared machines are noisy, so every timed section is the best of --reps repetitions (batch 32: of
 2; the rollout: of --rollout-reps), the engines take turns within each repetition, and the copy
@@ -75,16 +77,17 @@ def copy_bandwidth_gbs(device: str) -> float:
     return 2 * x.numel() * x.element_size() / seconds / 1e9  # read + write
 
 
-def matvec_seconds(model, device: str) -> float:
-    """Seconds per token of batch-1 decoding's matrix-vector products alone: every weight matrix of
-    the model (and the output matrix) applied to one vector, in turn, nothing else. What decoding
-    takes beyond this is the small kernels between them and per-step bookkeeping."""
+def products_seconds(model, device: str, rows: int = 1) -> float:
+    """Seconds per decoding step of its matrix products alone: every weight matrix of the model (and
+    the output matrix) applied to `rows` vectors (the batch size), in turn, nothing else. Both
+    engines call the same float32 kernel (F.linear) on the same weights, so this bounds either one:
+    what a step takes beyond it is the small kernels between the products and per-step bookkeeping."""
     import torch.nn.functional as F
 
     matrices = [p for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name
                 and "lm_head" not in name]
     matrices.append(model.output_weight())
-    inputs = {m.shape[1]: torch.randn(1, m.shape[1], dtype=m.dtype, device=device) for m in matrices}
+    inputs = {m.shape[1]: torch.randn(rows, m.shape[1], dtype=m.dtype, device=device) for m in matrices}
 
     def once():
         for m in matrices:
@@ -148,7 +151,7 @@ def worker_speed(args) -> dict:
                 full[name] = min(full[name], timed(lambda: gens[name](p, NEW_TOKENS), device))
         if batch == 1:
             result["bandwidth_gbs"] = max(result["bandwidth_gbs"], copy_bandwidth_gbs(device))
-            result["matvec_s"] = matvec_seconds(ours, device)
+        result[f"products_s_b{batch}"] = products_seconds(ours, device, rows=batch)
         for name in names:
             result[f"{name}_decode_b{batch}"] = batch * (NEW_TOKENS - 1) / (full[name] - first[name])
             result[f"{name}_prefill_b{batch}"] = batch * PROMPT_LEN / first[name]
@@ -398,10 +401,13 @@ def main():
           f"bandwidth = {floor:.1f} tok/s at best; model.py reaches {speed['ours_decode_b1']:.1f} tok/s = "
           f"{100 * speed['ours_decode_b1'] / floor:.0f}% of it eagerly, {speed['compiled_decode_b1']:.1f} tok/s = "
           f"{100 * speed['compiled_decode_b1'] / floor:.0f}% compiled")
-    matvec = speed["matvec_s"]
-    print(f"of a batch-1 token's {1e3 / speed['ours_decode_b1']:.1f} ms (eager), the matrix-vector products alone take "
-          f"{1e3 * matvec:.1f} ms ({weights / matvec / 1e9:.1f} GB/s of weights; {1 / matvec:.1f} tok/s if that "
-          f"were all); the rest is the small kernels between them and per-step bookkeeping")
+    for batch, target in ((1, 1.8), (32, 2.0)):
+        products, ours, hf = speed[f"products_s_b{batch}"], speed[f"ours_decode_b{batch}"], speed[f"hf_decode_b{batch}"]
+        cap = batch / products  # tok/s if a step were its matrix products and nothing else
+        print(f"batch {batch}: of a step's {1e3 * batch / ours:.1f} ms (eager; transformers {1e3 * batch / hf:.1f} ms), "
+              f"the matrix products alone take {1e3 * products:.1f} ms ({weights / products / 1e9:.1f} GB/s of "
+              f"weights), so no engine running them decodes faster than {cap:.1f} tok/s = {cap / hf:.2f}x "
+              f"transformers ({target}x would need {target * hf:.1f})")
     seconds, (busy1, mine1) = time.perf_counter() - start, busy_seconds()
     others = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / (seconds * (os.cpu_count() or 1))
     print(f"(bench took {seconds:.0f} s; other processes kept {100 * others:.0f}% of the CPU busy meanwhile"
