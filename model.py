@@ -192,8 +192,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) * weight, bit for bit (on a CPU F.rms_norm runs those same
-        # kernels, so it is no faster there; it is one readable call, and fused on a GPU)
+        # x * rsqrt(mean(x^2) + eps) * weight, bit for bit on a CPU, where F.rms_norm runs those same
+        # kernels (no faster, but one readable call)
         if x.dtype != torch.float32:
             # bf16 squares lose too much: normalise in float32 and cast back before scaling, as HF does
             return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
