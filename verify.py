@@ -25,10 +25,13 @@ Conventions (decided here, tested in tests/test_verify.py):
   not a number, and compares only as a string. Numbers over 1,000 characters are likewise strings only.
 - Anything else (MATH's "x^2+1", "(A)") compares as a string with spacing, `$`, `\\left`/`\\right`, `\\!` and
   `\\text{}` wrappers removed.
-It never executes its input (no eval, exec or sympy), never raises, and its time grows linearly with the input
-(a 1 MB input takes well under a second).
+- A number given instead of text (`reward(response, 5)`, a reference of 2.5) is that number exactly; any other
+  non-string is a caller's bug and raises TypeError. Control characters (NUL, ...) never make answers unequal.
+It never executes its input (no eval, exec or sympy), never raises on text, and its time grows linearly with the
+input (a 1 MB input takes well under a second).
 """
 
+import operator
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -69,9 +72,16 @@ _HASHES = re.compile(r"####" + _MARKUP + _CAPTURE)
 _ANY_NUMBER = re.compile(f"{_TEX_FRACTION}|{_LOOSE_NUMBER}")
 
 
-def _boxed_contents(text: str) -> list[tuple[int, str]]:
-    """(position, content) of every complete \\boxed{...}, nested braces included: \\boxed{\\frac{1}{2}}."""
-    return [(m.start(1), m.group(1)) for m in _BOXED.finditer(text)]
+def _as_text(value, name: str) -> str:
+    """A string as it is, a number (5, 2.5, Fraction) written out exactly ("5", "5/2"); anything else is a bug."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float, Fraction)) and not isinstance(value, bool):
+        try:  # repr, not the float's binary value: 0.1 means 1/10
+            return str(Fraction(repr(value)) if isinstance(value, float) else Fraction(value))
+        except (ValueError, OverflowError):
+            raise ValueError(f"{name} {value!r} is not a finite number") from None
+    raise TypeError(f"{name} must be text or a number, not {type(value).__name__} {value!r:.60}")
 
 
 def _tidy(answer: str) -> str:
@@ -83,11 +93,10 @@ def extract_answer(text: str, strict: bool = False) -> str | None:
 
     The last of `\\boxed{}`, `#### N`, "the answer is N", "final answer: N" counts; with none of those, the last
     number in the text, unless `strict` (then None)."""
-    if not isinstance(text, str):
-        return None
-    candidates = [(pos, _tidy(box)) for pos, box in _boxed_contents(text)]
-    for pattern in (_PHRASE, _HASHES):
-        candidates += [(m.start(1), _tidy(m.group(1))) for m in pattern.finditer(text)]
+    text = _as_text(text, "response")
+    # group 1 of each pattern is the answer: the content of a complete \boxed{}, or the number after the phrase
+    candidates = [(m.start(1), _tidy(m.group(1))) for pattern in (_BOXED, _PHRASE, _HASHES)
+                  for m in pattern.finditer(text)]
     candidates = [c for c in candidates if c[1]]  # an empty \boxed{} is no answer
     if candidates:
         return max(candidates, key=lambda c: c[0])[1]
@@ -99,13 +108,12 @@ def extract_answer(text: str, strict: bool = False) -> str | None:
 
 def parse_reference(reference: str) -> str | None:
     """The final answer of a reference: the text after GSM8K's last `####`, else the last \\boxed{} of a MATH
-    solution, else the reference itself (a bare answer such as "2,125" or "\\frac{1}{2}")."""
-    if not isinstance(reference, str):
-        return None
+    solution, else the reference itself (a bare answer such as "2,125" or "\\frac{1}{2}", or a number: 5, 2.5)."""
+    reference = _as_text(reference, "reference")
     if "####" in reference:
-        answer = reference[reference.rfind("####") + 4:].strip().split("\n")[0].strip()
-    elif boxes := _boxed_contents(reference):
-        answer = boxes[-1][1].strip()
+        answer = reference.rpartition("####")[2].strip().partition("\n")[0].strip()
+    elif boxes := _BOXED.findall(reference):
+        answer = boxes[-1].strip()
     else:
         answer = reference.strip()
     return answer or None
@@ -115,6 +123,7 @@ def parse_reference(reference: str) -> str | None:
 # Comparing two answers
 # ---------------------------------------------------------------------------------------------------------
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all but tab and newline, which are spacing
 _WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed)\s*\{([^{}]*)\}")
 _MARKUP_REPLACEMENTS = [("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", " "), ("\\ ", " "),
                         ("\\$", ""), ("$", ""), ("\\%", "%"), ("−", "-"), ("\\dfrac", "\\frac"),
@@ -123,15 +132,17 @@ _MARKUP_REPLACEMENTS = [("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""
 
 
 def _strip_markup(answer: str) -> str:
-    """Remove what does not change an answer's meaning: LaTeX spacing and sizing, $ signs, \\text{} wrappers."""
-    answer = _WRAPPER.sub(r" \1 ", answer)
+    """Remove what does not change an answer's meaning: LaTeX spacing and sizing, $ signs, \\text{} wrappers,
+    control characters."""
+    answer = _WRAPPER.sub(r" \1 ", _CONTROL.sub("", answer))
     for old, new in _MARKUP_REPLACEMENTS:
         answer = answer.replace(old, new)
     return answer.strip().rstrip(".").strip()
 
 
-# Decimals: "2,125" (groups of three only), "18", "18.00", ".5"
-_DECIMAL = r"(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
+# Integers: "2,125" (commas in groups of three only), "18"; decimals: also "18.00", "18.", ".5"
+_INTEGER = r"(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)"
+_DECIMAL = _INTEGER + r"(?:\.[0-9]*)?|\.[0-9]+"
 _NUMBER = re.compile(
     rf"(?:[A-Za-z]\s*=\s*)?([-+]?)\s*"                                    # "x = ", sign
     rf"(?:({_DECIMAL})(?:\s*/\s*({_DECIMAL}))?"                          # 18, 1,000.50, 1/2
@@ -143,32 +154,26 @@ _NUMBER = re.compile(
 def _decimal(text: str) -> Fraction:
     """Exact value of a validated decimal string: "1,000.50" -> 2001/2, "-18 000" -> -18000. No floats."""
     text = text.replace(",", "").replace(" ", "")
-    sign = -1 if text.startswith("-") else 1
-    whole, _, fraction = text.lstrip("+-").partition(".")
-    if not fraction:
-        return Fraction(sign * int(whole or "0"))
-    return Fraction(sign * (int(whole or "0") * 10 ** len(fraction) + int(fraction)), 10 ** len(fraction))
+    whole, _, decimals = text.lstrip("+-").partition(".")
+    value = Fraction(int(whole + decimals or "0"), 10 ** len(decimals))  # "1000.50" is 100050 / 10^2
+    return -value if text.startswith("-") else value
 
 
 def to_number(answer: str) -> Fraction | None:
     """The exact value of an answer, or None if it is not a plain number (or over MAX_NUMBER_CHARS long)."""
-    if not isinstance(answer, str) or len(answer) > 4 * MAX_NUMBER_CHARS:
+    answer = _as_text(answer, "answer")
+    if len(answer) > 4 * MAX_NUMBER_CHARS:
         return None
     text = _strip_markup(answer)
     m = _NUMBER.fullmatch(text) if len(text) <= MAX_NUMBER_CHARS else None
     if m is None:
         return None
-    sign, num, den, tex_num, tex_den, digit_num, digit_den = m.groups()
-    try:
-        if num:
-            value = _decimal(num) / _decimal(den) if den else _decimal(num)
-        elif tex_num:
-            value = _decimal(tex_num) / _decimal(tex_den)
-        else:
-            value = Fraction(int(digit_num), int(digit_den))
-    except ZeroDivisionError:  # "1/0" is not a number
+    sign, *parts = m.groups()
+    # the numerator, then the denominator of "1/2", "\frac{1}{2}" or "\frac12" (1 when there is none)
+    numerator, denominator = ([_decimal(part) for part in parts if part] + [Fraction(1)])[:2]
+    if denominator == 0:  # "1/0" is not a number
         return None
-    return -value if sign == "-" else value
+    return -numerator / denominator if sign == "-" else numerator / denominator
 
 
 def _normalise_text(answer: str) -> str:
@@ -177,8 +182,7 @@ def _normalise_text(answer: str) -> str:
 
 def answers_equal(a: str, b: str) -> bool:
     """Same number (exactly), or, if either is not a number, the same text once markup is stripped."""
-    if not (isinstance(a, str) and isinstance(b, str)):
-        return False
+    a, b = _as_text(a, "answer"), _as_text(b, "answer")
     x, y = to_number(a), to_number(b)
     if x is not None and y is not None:
         return x == y
@@ -188,8 +192,6 @@ def answers_equal(a: str, b: str) -> bool:
 
 def canonical_answer(answer: str) -> str | None:
     """One string per distinct answer, for majority votes: "1/2" for "0.5" and "\\frac{1}{2}"."""
-    if not isinstance(answer, str):
-        return None
     value = to_number(answer)
     return str(value) if value is not None else (_normalise_text(answer) or None)
 
@@ -238,7 +240,7 @@ _ANNOTATION = re.compile(r"<<([^<>]*)>>")  # GSM8K's calculator annotations
 _CHAR = (r"(?:[0-9$%()\[\]+\-−–*/×÷·^=]|(?<=[0-9]),(?=[0-9])|\.(?=[0-9])"
          r"|(?<=[0-9) ])x(?=\s?[0-9(]))")
 _RUN = re.compile(rf"{_CHAR}(?:[ \t]*{_CHAR})*")
-_TOKEN = re.compile(r"\s*(?:((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+)|(//|[-+*/^()%]))")
+_TOKEN = re.compile(rf"\s*(?:({_INTEGER}(?:\.[0-9]+)?|\.[0-9]+)|(//|[-+*/^()%]))")  # a number or an operator
 # "25 / 1/3" means 25 ÷ (1/3): a tight fraction after a spaced division sign is one number
 _TIGHT_FRACTION = re.compile(r"(?<=/ )([0-9.]+/[0-9.]+)(?![0-9./])")
 # "17/3 = 5 and 2/3": a mixed number is a sum
@@ -246,43 +248,37 @@ _MIXED_NUMBER = re.compile(r"\b([0-9]+) and (\(?[0-9]+/[0-9]+\)?)")
 _DANGLING = re.compile(r"[-+*/^×÷·x](?![0-9.(])|[+*/^×÷·x]")  # an operator whose other operand is a word
 _TO_ASCII = str.maketrans({"×": "*", "x": "*", "·": "*", "÷": "/", "−": "-", "–": "-",  # en dash: GSM8K's minus
                            "[": "(", "]": ")", "$": " "})
-_LEADING_NUMBER = re.compile(r"\s*([-+]?)\s*((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]{1,3}(?: [0-9]{3})+(?![0-9])|[0-9]+)"
-                             r"(?:\.([0-9]+))?)")
+# a number, thousands separated by commas or by spaces ("18 000"), and its decimals
+_LEADING_NUMBER = re.compile(r"\s*([-+]?)\s*((?:[0-9]{1,3}(?: [0-9]{3})+(?![0-9])|" + _INTEGER + r")(?:\.([0-9]+))?)")
 _LEADING_ZEROS = {f"0{d}" for d in range(10)}
-_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "neg": 3, "^": 4}
 
 
-def _apply(op: str, values: list[Fraction]) -> None:
-    if op == "neg":
-        values.append(-values.pop())
-        return
-    b, a = values.pop(), values.pop()
-    if op == "^":
-        # only small integer powers: 9^9^9^9 would take forever and all memory
-        if b.denominator != 1 or max(a.numerator.bit_length(), a.denominator.bit_length(), 1) * abs(b) > MAX_BITS:
-            raise _Unsupported
-        result = a ** int(b)  # 0 ** -1 raises ZeroDivisionError, as it should
-    elif op == "+":
-        result = a + b
-    elif op == "-":
-        result = a - b
-    elif op == "*":
-        result = a * b
-    elif op == "/":
-        result = a / b  # raises ZeroDivisionError on "/ 0"
-    else:  # "//", Python's floor division, which GSM8K's calculator annotations use
-        result = Fraction(a // b)
-    if max(result.numerator.bit_length(), result.denominator.bit_length()) > MAX_BITS:
+def _bounded(value: Fraction) -> Fraction:
+    """`value`, unless it has over MAX_BITS bits: bigger values ("9^9^9^9", "5%%%...%") would make time quadratic."""
+    if max(value.numerator.bit_length(), value.denominator.bit_length()) > MAX_BITS:
         raise _Unsupported
-    values.append(result)
+    return value
 
 
-def _push(op: str, ops: list[str], values: list[Fraction]) -> None:
-    # first apply what binds at least as tightly ("^" is right-associative: 2^3^2 = 2^9)
-    while ops and ops[-1] != "(" and (_PRECEDENCE[ops[-1]] > _PRECEDENCE[op]
-                                      or (_PRECEDENCE[ops[-1]] == _PRECEDENCE[op] and op != "^")):
-        _apply(ops.pop(), values)
-    ops.append(op)
+def _power(a: Fraction, b: Fraction) -> Fraction:
+    # only small integer powers: 9^9^9^9 would take forever and all memory
+    if b.denominator != 1 or max(a.numerator.bit_length(), a.denominator.bit_length(), 1) * abs(b) > MAX_BITS:
+        raise _Unsupported
+    return a ** int(b)  # 0 ** -1 raises ZeroDivisionError, as it should
+
+
+# precedence and meaning of each operator. A minus sign is "0 neg x", so that every operator takes two values;
+# "//" is Python's floor division, which GSM8K's calculator annotations use; "(" binds least and stops _reduce.
+_OPERATORS = {"(": (0, None), "+": (1, operator.add), "-": (1, operator.sub), "*": (2, operator.mul),
+              "/": (2, operator.truediv), "//": (2, lambda a, b: Fraction(a // b)), "neg": (3, operator.sub),
+              "^": (4, _power)}
+
+
+def _reduce(ops: list[str], values: list[Fraction], precedence: int) -> None:
+    """Apply the pending operators that bind at least as tightly as `precedence`, latest first."""
+    while ops and _OPERATORS[ops[-1]][0] >= precedence:
+        b, a = values.pop(), values.pop()
+        values.append(_bounded(_OPERATORS[ops.pop()][1](a, b)))  # "/ 0" raises ZeroDivisionError
 
 
 def _evaluate(expression: str) -> tuple[Fraction, int]:
@@ -296,48 +292,41 @@ def _evaluate(expression: str) -> tuple[Fraction, int]:
         m = _TOKEN.match(text, pos)
         if m is None:
             raise _Unsupported
-        pos = m.end()
-        number, tok = m.groups()
-        if number:
-            # "3 4" is not arithmetic, and "0900 - 0130" is a clock, not a subtraction
-            if not expect_operand or len(number) > MAX_NUMBER_CHARS or number[:2] in _LEADING_ZEROS:
+        pos, (number, token) = m.end(), m.groups()
+        if expect_operand:
+            # "0900 - 0130" is a clock, not a subtraction
+            if number and len(number) <= MAX_NUMBER_CHARS and number[:2] not in _LEADING_ZEROS:
+                values.append(_decimal(number))
+                expect_operand = False
+            elif token == "-":  # a minus sign: 0 neg x
+                values.append(Fraction(0))
+                ops.append("neg")
+            elif token == "(":
+                ops.append(token)
+            elif token != "+":  # a plus sign changes nothing; any other operator needs a value before it
                 raise _Unsupported
-            values.append(_decimal(number))
-            expect_operand = False
-        elif tok == "(":
-            if not expect_operand:  # "2(3 + 4)"
-                _push("*", ops, values)
-                binary_ops += 1
-            ops.append("(")
-            expect_operand = True
-        elif tok == ")":
-            if expect_operand:
-                raise _Unsupported
-            while ops and ops[-1] != "(":
-                _apply(ops.pop(), values)
+        elif number:  # "3 4" is not arithmetic
+            raise _Unsupported
+        elif token == ")":
+            _reduce(ops, values, 1)
             if not ops:
                 raise _Unsupported
             ops.pop()
-        elif tok == "%":
-            if expect_operand:
-                raise _Unsupported
-            values.append(values.pop() / 100)
-        elif expect_operand:  # a sign
-            if tok == "-":
-                ops.append("neg")
-            elif tok != "+":
-                raise _Unsupported
+        elif token == "%":  # binds to the value just read: "2 + 3%" is 2.03
+            values[-1] = _bounded(values[-1] / 100)
         else:
-            _push(tok, ops, values)
+            if token == "(":  # "2(3 + 4)" is 2 * (3 + 4): a "*", then the "(" read again
+                token, pos = "*", m.start(2)
+            if token != "^":  # "^" is right-associative: 2^3^2 = 2^9
+                _reduce(ops, values, _OPERATORS[token][0])
+            ops.append(token)
             binary_ops += 1
             expect_operand = True
     if expect_operand:
         raise _Unsupported
-    while ops:
-        op = ops.pop()
-        if op == "(":
-            raise _Unsupported
-        _apply(op, values)
+    _reduce(ops, values, 1)
+    if ops:  # a "(" never closed
+        raise _Unsupported
     return values[0], binary_ops
 
 
@@ -347,24 +336,22 @@ def _agrees(value: Fraction, expression: str, stated: str) -> bool | None:
     as "5 + 3 = 8 + 2 = 10", "8 + 2" is read as stating 8. None: `stated` is no number, so this is no step."""
     values = [value, value * 100, value / 100] if "%" in expression + stated else [value]
     try:
-        if _evaluate(stated)[0] in values:
-            return True
-        readable = True
+        stated_value = _evaluate(stated)[0]
     except (_Unsupported, ZeroDivisionError):
-        readable = False
-    stated = stated.translate(_TO_ASCII)
-    m = _LEADING_NUMBER.match(stated)
-    if m is None or len(m.group(2)) > MAX_NUMBER_CHARS:
-        return False if readable else None
-    sign, number, decimals = m.groups()
-    number = -_decimal(number) if sign == "-" else _decimal(number)
-    rest = stated[m.end():].strip()
-    if rest in ("", "%"):  # a plain number: forgive rounding to the decimals shown
-        half_unit = Fraction(1, 2 * 10 ** len(decimals or ""))
-        return any(abs(v - number) <= half_unit for v in values)
-    if rest[0] in "+-*":  # a chain going on ("= 8 + 2 = 10"), not a fraction ("= 3/5")
-        return number in values
-    return False if readable else None
+        stated_value = None  # not arithmetic, but perhaps a number followed by more text
+    if stated_value in values:
+        return True
+    m = _LEADING_NUMBER.match(stated.translate(_TO_ASCII))
+    if m and len(m.group(2)) <= MAX_NUMBER_CHARS:
+        sign, digits, decimals = m.groups()
+        number = _decimal(sign + digits)
+        rest = m.string[m.end():].strip()
+        if rest in ("", "%"):  # a plain number: forgive rounding to the decimals shown
+            half_unit = Fraction(1, 2 * 10 ** len(decimals or ""))
+            return any(abs(v - number) <= half_unit for v in values)
+        if rest[0] in "+-*":  # a chain going on ("= 8 + 2 = 10"), not a fraction ("= 3/5")
+            return number in values
+    return None if stated_value is None else False
 
 
 def _trim(segment: str) -> str:
@@ -409,8 +396,7 @@ def check_steps(text: str) -> list[Step]:
     """Every calculation the text states, in order, each re-done exactly: GSM8K annotations "<<16-3-4=9>>" and
     plain equations "16 - 3 - 4 = 9", "$80,000 × 1.5 = $120,000", "10/3 = 3.33", "\\frac{3}{4} \\times 8 = 6".
     A calculation stated twice, as GSM8K does ("16 - 3 - 4 = <<16-3-4=9>>9"), is one step."""
-    if not isinstance(text, str):
-        return []
+    text = _as_text(text, "text")
     for old, new in _TEX_OPERATORS:
         text = text.replace(old, new)
     text = _TEX_FRAC.sub(r"((\1)/(\2))", text).replace("{", "(").replace("}", ")")
@@ -427,10 +413,10 @@ def check_steps(text: str) -> list[Step]:
             break
         chain = m.group()
         # "8/3 = 24/Y", "2A + 3 = 9": a letter glued to the run makes its end (or start) algebra
-        if m.end() < len(visible) and visible[m.end()].isalpha():
-            chain = chain[:chain.rfind("=")] if "=" in chain else chain
-        if m.start() > 0 and visible[m.start() - 1].isalpha():
-            chain = chain[chain.find("=") + 1:]
+        if visible[m.end():m.end() + 1].isalpha():
+            chain = chain.rpartition("=")[0]
+        if visible[m.start() - 1:m.start()].isalpha():
+            chain = chain.partition("=")[2]
         if "=" in chain:
             found += [(m.start(), False, step) for step in _chain_steps(chain)]
     annotated = {_key(step) for _, is_annotation, step in found if is_annotation}

@@ -145,12 +145,31 @@ def test_canonical_answer_merges_equal_answers():
     assert canonical_answer("x^2 + 1") == canonical_answer("x^2+1")
 
 
-@pytest.mark.parametrize("bad", [None, 5, 3.0, b"5", ["5"], {"a": 1}])
-def test_non_strings_give_no_answer(bad):
-    assert extract_answer(bad) is None and parse_reference(bad) is None and to_number(bad) is None
-    assert is_correct(bad, "5") is False and is_correct("5", bad) is False and is_correct(bad, bad) is False
-    assert answers_equal(bad, "5") is False and canonical_answer(bad) is None
-    assert reward(bad, "5") == -1.0 and check_steps(bad) == [] and arithmetic_errors(bad) == []
+@pytest.mark.parametrize("bad", [None, True, b"5", ["5"], {"a": 1}])
+def test_non_strings_are_a_type_error_that_names_them(bad):
+    for call in (lambda: extract_answer(bad), lambda: parse_reference(bad), lambda: to_number(bad),
+                 lambda: is_correct(bad, "5"), lambda: is_correct("5", bad), lambda: reward("\\boxed{5}", bad),
+                 lambda: answers_equal(bad, "5"), lambda: canonical_answer(bad), lambda: check_steps(bad),
+                 lambda: arithmetic_errors(bad)):
+        with pytest.raises(TypeError, match=f"not {type(bad).__name__}"):
+            call()
+
+
+@pytest.mark.parametrize("number, right, wrong", [(5, "\\boxed{5}", "\\boxed{6}"), (2.5, "#### 2.50", "#### 2.4"),
+                                                  (0.1, "The answer is 1/10", "The answer is 0.1000001"),
+                                                  (Fraction(1, 3), "\\boxed{\\frac{1}{3}}", "\\boxed{0.33}"),
+                                                  (-7, "#### -7", "#### 7")])
+def test_a_number_as_reference_is_that_number(number, right, wrong):
+    assert reward(right, number) == 1.0 and is_correct(right, number) and reward(wrong, number) == 0.0
+    assert reward(number, number) == 1.0 and answers_equal(number, extract_answer(right))
+    with pytest.raises(ValueError, match="not a finite number"):
+        reward(right, float("nan"))
+
+
+def test_control_characters_do_not_make_answers_unequal():
+    assert reward("\\boxed{5\x00}", "5") == 1.0 and reward("#### 5\x07", "#### 5") == 1.0
+    assert answers_equal("\x00x^2\x1b + 1", "x^2+1") and canonical_answer("1\x00/2") == canonical_answer("0.5")
+    assert reward("\\boxed{6\x00}", "5") == 0.0  # and they do not make a wrong answer right
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,6 +217,22 @@ def test_check_steps(text, expected):
 def test_step_record():
     (step,) = check_steps("16 - 3 - 4 = 8")
     assert step == Step(expression="16 - 3 - 4", stated="8", value=Fraction(9), ok=False)
+
+
+EVALUATION = [  # (text, the values of its steps): precedence, associativity, signs, "%", "//", "(" after a value
+    ("2^3^2 = 512", [512]), ("10 - 2 - 3 = 5", [5]), ("12 / 2 / 3 = 2", [2]), ("8 / -2 / 2 = -2", [-2]),
+    ("-2^2 = -4", [-4]), ("2^-2 = 0.25", [Fraction(1, 4)]), ("2*-3^2 = -18", [-18]), ("2^-3*4 = 0.5", [Fraction(1, 2)]),
+    ("3 * -(2 + 1) = -9", [-9]), ("2(3)^2 = 18", [18]), ("2^3(4) = 32", [32]), ("(2)(3) = 6", [6]),
+    ("6 / 2(1 + 2) = 9", [9]), ("2 + 3% = 2.03", [Fraction(203, 100)]), ("50%(4) = 2", [2]),
+    ("2%^2 = 0.0004", [Fraction(1, 2500)]), ("7//2*2 = 6", [6]), ("-7//2 = -4", [-4]),
+    ("0^-1 = 0", [None]), ("5 // 0 = 0", [None]),  # a division by zero is a wrong step
+    ("2^2^-1 = 2", []), ("4 % 2 = 0", []), ("3 4 + 1 = 8", []),  # irrational; "%" is no modulo; "3 4" is no number
+]
+
+
+@pytest.mark.parametrize("text, values", EVALUATION)
+def test_evaluation_follows_the_usual_rules(text, values):
+    assert [s.value for s in check_steps(text)] == values
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -328,6 +363,7 @@ ADVERSARIAL = {
     '"#### " * 100000': "#### " * 100_000,
     "1 MB of parentheses": "(" * 10**6,
     "1 MB of sums": "1+" * 500_000 + "1 = 2",
+    '"%" * 100000': "5" + "%" * 99_990 + " + 1 = 1",  # 5 / 100^99990: too big to check, not slow to find so
 }
 
 
@@ -348,6 +384,7 @@ def test_adversarial_answers_are_still_right():
     assert not is_correct(ADVERSARIAL["1e6 digits"], MILLION_DIGITS[:-1] + "8")
     assert not answers_equal(MILLION_DIGITS, MILLION_DIGITS + "0")
     assert check_steps("9^9^9^9 = 5") == [] and check_steps("2^-2 = 0.25")[0].ok  # too big to check: no step
+    assert check_steps(ADVERSARIAL['"%" * 100000']) == []
     nested = "(" * 10_000 + "1 + 2" + ")" * 10_000
     assert [s.ok for s in check_steps(nested + " = 3")] == [True]
     assert [s.ok for s in check_steps(nested + " = 4")] == [False]
