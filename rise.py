@@ -2,51 +2,53 @@
 rise.py -- RISE, Recursive Introspection (Qu et al. 2024): collect multi-turn rollouts, weight every
 turn by its advantage, fine-tune, evaluate; and the command that runs it all.
 
-    python rise.py                                   # CPU toy: builds a tiny model, runs RISE on it
+    python rise.py                                   # CPU toy (toy.py): a tiny model, RISE in minutes
     python rise.py --model mistral-7b --turns 5      # the paper's setting, on a GPU, GSM8K
     python rise.py --help
 
-The method, and where each piece lives (paper sections in brackets):
+Read top to bottom, the method (paper sections in brackets):
   rollout            one question becomes a T-turn episode [§2]: at turn t the model reads the question
                      and its earlier attempts, each followed by feedback, and writes a new attempt. N
                      candidates are sampled per turn; the episode continues from the best one (RISE-Self,
                      best-of-N self-improvement [§4]) or from a teacher's (RISE-Distill [§4]); with an
                      oracle it stops at the first correct answer. KV caches are reused across turns.
   advantages         a candidate's reward minus the mean reward of the N candidates of its turn [§3]
-  awr_weights        exp(advantage / beta), clipped (advantage-weighted regression [§3])
-  training_examples  every (state, candidate) pair of an episode: the state is context, only the
-                     candidate is trained, weighted by its AWR weight
+  awr_weights        exp(advantage / beta), clipped (advantage-weighted regression [§3]); weigh() stores
+                     each candidate's advantage and weight with the trajectories
+  training_examples  every (state, candidate) pair with a weight: the state is context, only the
+                     candidate is trained
   awr_loss / train   the weighted negative log-likelihood of each response, normalised by its tokens;
-                     AdamW with warmup, gradient clipping and accumulation
+                     AdamW with warmup, gradient clipping and accumulation (DDP/FSDP under torchrun)
   evaluate           p1@t (oracle), m1@t (majority over turns, no oracle) against the parallel
                      baselines pass@t and maj@t at the same sample budget [§5], with 95% intervals
   run                collect -> train -> evaluate, --iterations times, each stage resumable
-  build_toy_base     the CPU default: a tiny Llama trained from scratch on data.py's toy task
+  parse_args / main  the command line, generated from Config's fields
 
 Data flows one way: data.py builds states, model.py samples, verify.py scores, this file weights and
-trains. Outputs (--out DIR): config.json, metrics.json, metrics.png, iterK/trajectories.jsonl,
-iterK/policy/ (a Hugging Face checkpoint), eval_NAME.jsonl, and state.json (the completed stages).
+trains. Outputs (--out DIR): config.json, metrics.json, metrics.png, iterK/trajectories.jsonl (every
+candidate with its reward, advantage and AWR weight), iterK/policy/ (a Hugging Face checkpoint),
+eval/NAME_KIND.jsonl, state.json (the completed stages) and report.html (report.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import hashlib
 import json
 import math
+import operator
 import os
-import random
-import shutil
 import sys
+import random
 import time
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import data
@@ -54,58 +56,77 @@ import model as M
 import verify
 
 # --------------------------------------------------------------------------------------------
-# Configuration
+# Configuration: every field is a command-line flag (--max-new-tokens for max_new_tokens)
 # --------------------------------------------------------------------------------------------
+
+
+def opt(default, help: str, **rules):
+    """A Config field with its --help text; parse_args turns every field into a flag. rules: choices; the
+    range min/gt/max that check_settings enforces before any work; resume=True: --resume may change it."""
+    return field(default=default, metadata=dict(help=help, **rules))
 
 
 @dataclass
 class Config:
-    model: str = "toy"  # a checkpoint directory, a known name (see MODEL_NAMES) or "toy"
-    teacher: str | None = None  # RISE-Distill: this checkpoint writes turns 2..T
-    train_data: str = "gsm8k:train"  # data.load_problems spec or a .jsonl path
-    eval_data: str = "gsm8k:test"
-    train_problems: int | None = None  # use the first K training problems (None: all)
-    eval_problems: int | None = None
-    turns: int = 5  # T: attempts per episode
-    samples: int = 4  # N: candidates sampled per turn during collection (best-of-N)
-    iterations: int = 1  # collect -> train -> evaluate rounds (the paper's Iteration 1, 2)
-    collect_feedback: str = "oracle"  # oracle: told "incorrect", stops when right; neutral: never told; mixed: half each
-    context: str = "all"  # all: the state holds every earlier attempt (paper); last: only the latest
-    temperature: float = 1.0  # sampling temperature for collection and evaluation (official: 1.0)
-    top_p: float = 1.0
-    max_new_tokens: int = 512  # per attempt
-    weighting: str = "awr"  # awr: exp(advantage / beta); official: exp(reward / 0.4), chosen turns only
-    beta: float = 1.0  # AWR temperature: lower = greedier (weight concentrates on the best candidates)
-    max_weight: float = 20.0  # AWR clips weights here (Peng et al. 2019 use 20)
-    normalize_advantages: bool = True  # divide a turn's advantages by their standard deviation
-    skip_uniform_turns: bool = True  # drop turns whose N candidates all scored the same (no signal)
-    lr: float = 1e-5  # AdamW peak learning rate (official: 1e-5); far below pre-training rates
-    epochs: int = 2
-    batch_size: int = 16  # examples per optimizer step (official: 16)
-    micro_batch: int = 4  # examples per forward pass; batch_size / micro_batch accumulation steps
-    warmup: float = 0.04  # fraction of steps with a linear warm-up (official: 0.04), then cosine decay
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    lora_rank: int = 0  # > 0: train rank-R LoRA adapters on every projection instead of all weights
-    lora_alpha: float = 32.0  # LoRA scale alpha / rank
-    grad_checkpoint: bool = False  # recompute each layer's activations in backward: ~layers x less memory
-    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP) instead of DDP
-    amp: bool | None = None  # bfloat16 autocast in training; default: on for CUDA and bf16-capable CPUs
-    rows_per_batch: int = 64  # sequences sampled together per generate call (memory vs speed)
-    seed: int = 0
-    toy_pretrain_steps: int | None = None  # shorten the toy base's pre-training (tests); see ToyRecipe
-    dtype: str | None = None  # default: bfloat16 on GPU, float32 on CPU
-    device: str | None = None
-    out: str = "runs/rise"
+    model: str = opt("toy", "checkpoint directory, a name in MODEL_NAMES (found offline) or 'toy' (toy.py)")
+    teacher: str | None = opt(None, "RISE-Distill: a stronger checkpoint that writes turns 2..T (none: RISE-Self)")
+    train_data: str = opt("gsm8k:train", "gsm8k:train, toy:train or a .jsonl file of question/answer lines")
+    eval_data: str = opt("gsm8k:test", "gsm8k:test, math:test, toy:test, toy:dev (choose settings on it) or a .jsonl")
+    train_problems: int | None = opt(None, "use only the first K training problems (none: all)", min=1)
+    eval_problems: int | None = opt(None, "use only the first K evaluation problems (none: all)", min=1)
+    turns: int = opt(5, "T: attempts per episode", min=1)
+    samples: int = opt(4, "N: candidates sampled per turn when collecting (best-of-N)", min=1)
+    iterations: int = opt(1, "collect -> train -> evaluate rounds (the paper's Iteration 1, 2)", min=0, resume=True)
+    feedback: str = opt("oracle", "collection feedback (see data.state_messages); mixed: half the problems each",
+                        choices=["oracle", "neutral", "mixed"])
+    context: str = opt("all", "the state holds all earlier attempts (paper) or the last", choices=["all", "last"])
+    temperature: float = opt(1.0, "sampling temperature of collection and evaluation (0: greedy)", min=0)
+    top_p: float = opt(1.0, "nucleus sampling mass", gt=0, max=1)
+    max_new_tokens: int = opt(512, "token budget of one attempt", min=1)
+    weighting: str = opt("awr", "awr: exp(advantage/beta), all candidates; official: exp(reward/0.4), kept ones",
+                         choices=["awr", "official"])
+    beta: float = opt(1.0, "AWR temperature: lower = greedier (weight concentrates on the best candidates)", gt=0)
+    max_weight: float = opt(20.0, "AWR clips weights here (Peng et al. 2019 use 20)", gt=0)
+    normalize_advantages: bool = opt(True, "divide a turn's advantages by their standard deviation")
+    keep_uniform_turns: bool = opt(False, "also train turns whose N candidates all scored the same (no signal)")
+    lr: float = opt(1e-5, "AdamW peak learning rate (official: 1e-5); far below pre-training rates", gt=0, resume=True)
+    epochs: int = opt(2, "passes over the collected examples per iteration", min=1, resume=True)
+    batch_size: int = opt(16, "examples per optimizer step (official: 16)", min=1, resume=True)
+    micro_batch: int = opt(4, "examples per forward pass (gradient accumulation up to batch_size)", min=1, resume=True)
+    warmup: float = opt(0.04, "fraction of steps warming up linearly, then cosine decay", min=0, max=1, resume=True)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0, resume=True)
+    grad_clip: float = opt(1.0, "clip the gradient norm of every step here", gt=0, resume=True)
+    lora_rank: int = opt(0, "> 0: train rank-R LoRA adapters on every projection instead of all weights", min=0)
+    lora_alpha: float = opt(32.0, "LoRA scale is alpha / rank", gt=0)
+    grad_checkpoint: bool = opt(False, "recompute layer activations in backward (less memory)", resume=True)
+    fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimizer state (FSDP) instead of DDP")
+    amp: bool | None = opt(None, "bfloat16 autocast in training (none: on for CUDA and bf16-capable CPUs)", resume=True)
+    rows_per_batch: int = opt(64, "sequences sampled together per generate call (memory vs speed)", min=1, resume=True)
+    seed: int = opt(0, "seeds sampling, shuffling and the toy's data")
+    toy_pretrain_steps: int | None = opt(None, "steps of each phase of the toy base's pre-training (toy.Recipe)", min=1)
+    dtype: str | None = opt(None, "none: bfloat16 on GPU, float32 on CPU", choices=["float32", "bfloat16", "float16"])
+    device: str | None = opt(None, "none: cuda if available, else cpu", resume=True)
+    out: str = opt("runs/rise", "run directory (config, trajectories, metrics, checkpoints, report)", resume=True)
 
 
-# The CPU toy's defaults (rise.py with no arguments); any flag still overrides them. Chosen by runs on
-# the 2-core CPU of README (500 held-out problems, same base): collecting with the oracle's feedback
-# beat "mixed" on p1@5 after one iteration (81.6 vs 78.0) and a second iteration added 6 points more;
-# lr 3e-5, far below pre-training's 2e-3, keeps turn-1 accuracy from collapsing.
-TOY_PRESET = dict(train_data="toy:train", eval_data="toy:test", train_problems=2000, eval_problems=500,
-                  samples=4, iterations=2, collect_feedback="oracle", max_new_tokens=40, lr=3e-5, epochs=1,
-                  batch_size=64, micro_batch=32, rows_per_batch=512, amp=False, out="runs/toy")
+class ConfigError(ValueError):
+    """A setting, output folder or resumed run that cannot work; the message names it and the fix."""
+
+
+LIMITS = {"min": (">=", operator.ge), "gt": (">", operator.gt), "max": ("<=", operator.le)}  # opt()'s rules
+
+
+def check_settings(cfg: Config) -> None:
+    """Every setting finite and within its field's range, before any work."""
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag} {value}: must be a finite number")
+        limits = [(sign, f.metadata[key], ok) for key, (sign, ok) in LIMITS.items() if key in f.metadata]
+        if value is not None and not all(ok(value, bound) for _, bound, ok in limits):
+            required = " and ".join(f"{sign} {bound}" for sign, bound, _ in limits)
+            raise ConfigError(f"{flag} {value}: must be {required}")
+
 
 # Short names resolved offline: $RISE_MODELS/<name or repo name>, else the Hugging Face cache.
 MODEL_NAMES = {
@@ -118,31 +139,23 @@ MODEL_NAMES = {
 
 
 def resolve_model(name: str) -> Path:
-    """A checkpoint directory for `name`, found without the network, or an error saying where we looked."""
-    looked = []
+    """A checkpoint directory found without the network: the path `name`, $RISE_MODELS/<name>, or the
+    Hugging Face cache's snapshot that refs/main names (what `huggingface-cli download` fetched last)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    looked.append(str(path))
     repo = MODEL_NAMES.get(name, name)
-    roots = [Path(os.environ["RISE_MODELS"])] if os.environ.get("RISE_MODELS") else []
-    for root in roots:
-        for candidate in (root / name, root / repo.split("/")[-1], root / repo):
-            if (candidate / "config.json").is_file():
-                return candidate
-            looked.append(str(candidate))
+    models = Path(os.environ.get("RISE_MODELS", ".")).expanduser()
     hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
-    snapshots = hub.expanduser() / f"models--{repo.replace('/', '--')}" / "snapshots"
-    found = sorted((s for s in snapshots.glob("*") if (s / "config.json").is_file()), key=lambda s: s.stat().st_mtime)
-    if found:
-        return found[-1]
-    looked.append(str(snapshots / "*"))
-    known = ", ".join(MODEL_NAMES)
-    raise SystemExit(f"error: model {name!r} not found. Looked in:\n  " + "\n  ".join(looked) +
-                     f"\nrise never downloads. On a machine with network, fetch it with\n"
-                     f"  huggingface-cli download {repo}\n"
-                     f"(into the Hugging Face cache), or put the checkpoint directory in $RISE_MODELS, or pass "
-                     f"its path. Known names: {known}.")
+    cached = hub.expanduser() / f"models--{repo.replace('/', '--')}"
+    ref = (cached / "refs" / "main").read_text().strip() if (cached / "refs" / "main").is_file() else "<refs/main>"
+    candidates = [models / name, models / repo.split("/")[-1], cached / "snapshots" / ref]
+    found = [c for c in candidates if (c / "config.json").is_file()]
+    if not found:
+        raise M.CheckpointError(f"model {name!r} not found in {', '.join(map(str, [path] + candidates))}. rise never "
+                                f"downloads: fetch it elsewhere with `huggingface-cli download {repo}`, or put its "
+                                f"folder in $RISE_MODELS, or pass its path. Known names: {', '.join(MODEL_NAMES)}")
+    return found[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,48 +164,19 @@ def resolve_model(name: str) -> Path:
 
 
 @dataclass
-class Candidate:
-    text: str  # the attempt as stored (data.attempt_text: no end-of-turn token)
-    answer: str | None  # verify.extract_answer
-    reward: float  # verify.reward: 1 correct, 0 wrong, -1 no answer
-
-
-@dataclass
-class Episode:
-    """One question's T-turn episode: all N candidates of each turn, and which one it continued from."""
-    problem: data.Problem
-    feedback: str  # "oracle" or "neutral"
-    turns: list[list[Candidate]] = field(default_factory=list)
-    chosen: list[int] = field(default_factory=list)
-
-    @property
-    def attempts(self) -> list[str]:
-        return [turn[c].text for turn, c in zip(self.turns, self.chosen)]
-
-    @property
-    def correct(self) -> list[bool]:
-        """Was the attempt the episode kept at each turn right?"""
-        return [turn[c].reward == 1.0 for turn, c in zip(self.turns, self.chosen)]
-
-
-@dataclass
 class Policy:
     """Something that writes attempts: a model, its tokenizer and the prompts it is asked with."""
     model: M.Transformer
-    tokenizer: M.Tokenizer
+    tokenizer: data.Tokenizer
     prompts: data.Prompts
 
-    def stop_strings(self) -> tuple[str, ...]:
-        # base models under the plain template go on to write the user's next turn themselves
-        return () if self.tokenizer.chat_template else ("\nUser:",)
 
-
-def score(problem: data.Problem, text: str) -> Candidate:
-    return Candidate(text, verify.extract_answer(text), verify.reward(text, problem.answer))
+def score(problem: data.Problem, text: str) -> data.Candidate:
+    return data.Candidate(text, verify.extract_answer(text), verify.reward(text, problem.answer))
 
 
 def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns: int, samples: int,
-            feedback: str, teacher: Policy | None = None, seed: int = 0, progress=None) -> list[Episode]:
+            feedback: str, teacher: Policy | None = None, seed: int = 0, progress=None) -> list[data.Episode]:
     """Episodes for `problems`, sampled together: len(problems) * samples rows in one KV cache.
 
     At each turn every live episode gets `samples` candidates from its current state; it keeps the
@@ -202,7 +186,7 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns:
     teacher (RISE-Distill), the policy writes turn 1 and the teacher every later turn.
     """
     N = samples
-    episodes = [Episode(p, feedback) for p in problems]
+    episodes = [data.Episode(p, feedback) for p in problems]
     live = list(range(len(problems)))  # episodes still running; row r belongs to episode live[r // N]
     writer, cache, generator, sampled = None, None, None, []
     for t in range(turns):
@@ -227,7 +211,7 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns:
                                                 current.model.args.eos_ids)
                 prompts += [more] * N
         outs = M.generate(current.model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                          top_p=cfg.top_p, stop_strings=current.stop_strings(), tokenizer=tok,
+                          top_p=cfg.top_p, stop_strings=data.stop_strings(tok), tokenizer=tok,
                           generator=generator, cache=cache)
         keep_rows, sampled, still_live = [], [], []
         for k, i in enumerate(live):
@@ -251,10 +235,12 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns:
 
 
 def rollout_all(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns: int, samples: int,
-                feedback: str, teacher: Policy | None = None, seed: int = 0, desc: str = "rollout") -> list[Episode]:
+                feedback: str, teacher: Policy | None = None, seed: int = 0, desc: str = "rollout"
+                ) -> list[data.Episode]:
     """rollout() over all problems, in batches of about cfg.rows_per_batch rows, with a progress bar.
-    Under torchrun each rank rolls out its shard() with its own seed; every rank gets all episodes back."""
-    mine = shard(problems)
+    Under torchrun each rank rolls out every world_size-th problem with its own seed; every rank gets
+    all episodes back."""
+    mine = problems[rank()::world_size()]
     seed += 1_000_003 * rank()
     per_batch = max(1, cfg.rows_per_batch // samples)
     episodes = []
@@ -295,50 +281,31 @@ def official_weight(reward: float) -> float:
     return math.exp(reward / 0.4)
 
 
-@dataclass
-class Example:
-    ids: list[int]
-    mask: list[int]  # 1 on the trained attempt (and its end-of-turn token)
-    weight: float
-    turn: int
+def weigh(episodes: list[data.Episode], cfg: Config) -> None:
+    """Set each collected candidate's advantage and AWR weight; they are saved with the trajectories,
+    so what training uses can be read back (report.py shows it).
 
-
-def training_examples(episodes: list[Episode], policy: Policy, cfg: Config) -> list[Example]:
-    """(state, candidate, weight) triples of every turn of every episode.
-
-    awr: all N candidates of a turn, weighted by exp(advantage / beta); turns whose candidates all
-    scored the same carry no information about what is better and are dropped (skip_uniform_turns).
+    awr: all N candidates of a turn, weighted by exp(advantage / beta); a turn whose candidates all
+    scored the same says nothing about what is better and is not trained (unless keep_uniform_turns).
     official: only the candidate each episode kept, weighted exp(reward / 0.4).
     """
-    examples = []
     for ep in episodes:
-        for t, candidates in enumerate(ep.turns):
-            state = data.state_messages(ep.problem, ep.attempts[:t], policy.prompts, ep.feedback, cfg.context)
+        for candidates, chosen in zip(ep.turns, ep.chosen):
             rewards = [c.reward for c in candidates]
             if cfg.weighting == "official":
-                picked = [(candidates[ep.chosen[t]], official_weight(candidates[ep.chosen[t]].reward))]
-            else:
-                if cfg.skip_uniform_turns and len(set(rewards)) == 1:
-                    continue
-                weights = awr_weights(advantages(rewards, cfg.normalize_advantages), cfg.beta, cfg.max_weight)
-                picked = list(zip(candidates, weights))
-            for candidate, weight in picked:
-                ids, mask = data.training_example(policy.tokenizer, state + [{"role": "assistant",
-                                                                             "content": candidate.text}],
-                                                  policy.model.args.eos_ids)
-                examples.append(Example(ids, mask, weight, t + 1))
-    return examples
+                candidates[chosen].weight = official_weight(candidates[chosen].reward)
+            elif cfg.keep_uniform_turns or len(set(rewards)) > 1:
+                adv = advantages(rewards, cfg.normalize_advantages)
+                for c, a, w in zip(candidates, adv, awr_weights(adv, cfg.beta, cfg.max_weight)):
+                    c.advantage, c.weight = a, w
 
 
-def batch_tensors(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+def batch_tensors(examples: list[data.Example], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """Right-padded (B, T) ids and loss mask, and (B,) weights. The mask comes from each example's
     own lengths, never from searching for pad ids (pad often equals EOS, which must be trained)."""
     T = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(examples), T)
-    for b, e in enumerate(examples):
-        ids[b, :len(e.ids)] = torch.tensor(e.ids)
-        mask[b, :len(e.mask)] = torch.tensor(e.mask, dtype=torch.float)
+    ids = torch.tensor([e.ids + [pad_id] * (T - len(e.ids)) for e in examples])
+    mask = torch.tensor([e.mask + [0] * (T - len(e.mask)) for e in examples], dtype=torch.float)
     weights = torch.tensor([e.weight for e in examples])
     return ids.to(device), mask.to(device), weights.to(device)
 
@@ -364,18 +331,13 @@ def lr_at(step: int, total: int, warmup: float) -> float:
     warm = max(1, round(warmup * total))
     if step < warm:
         return (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 def use_amp(cfg: Config, device: torch.device) -> bool:
     """bfloat16 autocast pays off on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16)."""
-    if cfg.amp is not None:
-        return cfg.amp
-    if device.type == "cuda":
-        return True
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return cfg.amp if cfg.amp is not None else device.type == "cuda" or "amx_bf16" in cpu or "avx512_bf16" in cpu
 
 
 def wrap_for_training(model: M.Transformer, cfg: Config):
@@ -392,7 +354,7 @@ def wrap_for_training(model: M.Transformer, cfg: Config):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def train(model: M.Transformer, examples: list[Example], cfg: Config, pad_id: int, seed: int = 0,
+def train(model: M.Transformer, examples: list[data.Example], cfg: Config, pad_id: int, seed: int = 0,
           desc: str = "train") -> dict:
     """Weighted fine-tuning (AWR) of `model` in place: `epochs` passes over the examples, AdamW,
     batch_size examples per optimizer step in micro-batches of micro_batch (gradient accumulation).
@@ -401,7 +363,7 @@ def train(model: M.Transformer, examples: list[Example], cfg: Config, pad_id: in
     gradients are averaged by DDP (or FSDP), so a step equals one process on the whole batch.
     """
     if not examples:
-        return {"steps": 0, "loss": float("nan"), "examples": 0}
+        return {"steps": 0, "loss": None, "examples": 0}
     device = model.model.embed_tokens.weight.device
     model.gradient_checkpointing = cfg.grad_checkpoint
     module = wrap_for_training(model, cfg)
@@ -422,34 +384,31 @@ def train(model: M.Transformer, examples: list[Example], cfg: Config, pad_id: in
             for start in range(0, len(order), cfg.batch_size):
                 batch = sorted(order[start:start + cfg.batch_size], key=lambda e: len(e.ids))  # less padding
                 mine = batch[R::W]
-                # every rank runs the same number of micro-batches (the gradient sync happens on the last);
-                # a rank short of examples runs a zero-weight copy of one
+                # every rank runs as many backward passes (each one syncs gradients under DDP/FSDP):
+                # a rank short of examples runs zero-weight copies of one
                 n_micro = math.ceil(math.ceil(len(batch) / W) / cfg.micro_batch)
                 mine += [dataclasses.replace(batch[0], weight=0.0)] * (n_micro * cfg.micro_batch - len(mine))
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = torch.zeros((), device=device)
-                for m in range(n_micro):
-                    last = m == n_micro - 1
-                    sync = contextlib.nullcontext()
-                    if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not last:
-                        sync = module.no_sync()
-                    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP
-                        module.set_requires_gradient_sync(last)
-                    ids, mask, weights = batch_tensors(mine[m * cfg.micro_batch:(m + 1) * cfg.micro_batch],
-                                                       pad_id, device)
-                    with sync:
-                        with amp:  # DDP averages over ranks: scale by W so the step's loss is the batch mean
-                            loss = awr_loss(module, ids, mask, weights) * W / len(batch)
-                        loss.backward()
+                for m in range(0, len(mine), cfg.micro_batch):
+                    ids, mask, weights = batch_tensors(mine[m:m + cfg.micro_batch], pad_id, device)
+                    with amp:  # DDP averages over ranks: scale by W so the step's loss is the batch mean
+                        loss = awr_loss(module, ids, mask, weights) * W / len(batch)
+                    loss.backward()
                     step_loss += loss.detach()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                schedule.step()
                 if distributed():
                     torch.distributed.all_reduce(step_loss)
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if not (torch.isfinite(norm) and torch.isfinite(step_loss)):  # stop before a NaN reaches the weights
+                    raise ConfigError(f"training diverged at step {len(losses) + 1} (loss {step_loss.item() / W:.4g}, "
+                                      f"gradient norm {norm.item():.4g}); lower --lr (it is {cfg.lr:g}), then --resume")
+                optimizer.step()
+                schedule.step()
                 losses.append(step_loss.item() / W)
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    if not all(bool(p.isfinite().all()) for p in params):  # a huge step can overflow without a NaN gradient
+        raise ConfigError(f"training made weights infinite; lower --lr (it is {cfg.lr:g}), then --resume")
     model.eval()
     n = min(len(losses), steps_per_epoch)
     return {"steps": total, "loss": sum(losses[-n:]) / n, "examples": len(examples)}
@@ -470,37 +429,32 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def majority_correct(candidates: list[Candidate]) -> bool:
+def majority_correct(candidates: list[data.Candidate]) -> bool:
     """Is the most common answer right? Ties go to the most recent of the tied answers; attempts with
     no answer do not vote."""
     votes = [(verify.canonical_answer(c.answer), c.reward == 1.0) for c in candidates if c.answer is not None]
     votes = [v for v in votes if v[0] is not None]
-    if not votes:
-        return False
     counts = Counter(answer for answer, _ in votes)
-    top = max(counts.values())
-    for answer, correct in reversed(votes):
-        if counts[answer] == top:
-            return correct
-    return False
+    top = max(counts.values(), default=0)
+    return next((correct for answer, correct in reversed(votes) if counts[answer] == top), False)
 
 
-def p1_at(episodes: list[Episode], t: int) -> list[bool]:
+def p1_at(episodes: list[data.Episode], t: int) -> list[bool]:
     """With an oracle: solved at some turn <= t (the episode stopped there)."""
     return [any(ep.correct[:t]) for ep in episodes]
 
 
-def m1_at(episodes: list[Episode], t: int) -> list[bool]:
+def m1_at(episodes: list[data.Episode], t: int) -> list[bool]:
     """Without an oracle: the majority answer of the first t sequential turns is right."""
     return [majority_correct([turn[c] for turn, c in zip(ep.turns[:t], ep.chosen[:t])]) for ep in episodes]
 
 
-def pass_at(parallel: list[Episode], t: int) -> list[bool]:
+def pass_at(parallel: list[data.Episode], t: int) -> list[bool]:
     """Parallel baseline: one of t independent first-turn samples is right (same budget as p1@t)."""
     return [any(c.reward == 1.0 for c in ep.turns[0][:t]) for ep in parallel]
 
 
-def maj_at(parallel: list[Episode], t: int) -> list[bool]:
+def maj_at(parallel: list[data.Episode], t: int) -> list[bool]:
     """Parallel baseline: the majority of t independent first-turn samples is right (m5@t1 at t=5)."""
     return [majority_correct(ep.turns[0][:t]) for ep in parallel]
 
@@ -514,14 +468,11 @@ def evaluate(policy: Policy, problems: list[data.Problem], cfg: Config, seed: in
     """All four metrics for t = 1..T on held-out problems, from three sets of rollouts: T turns with the
     oracle (p1), T turns with neutral feedback (m1), T independent first-turn samples (pass, maj)."""
     T = cfg.turns
-    runs = {
-        "oracle": rollout_all(policy, problems, cfg, turns=T, samples=1, feedback="oracle", seed=seed,
-                              desc=f"eval {name}: oracle"),
-        "neutral": rollout_all(policy, problems, cfg, turns=T, samples=1, feedback="neutral", seed=seed + 1,
-                               desc=f"eval {name}: no oracle"),
-        "parallel": rollout_all(policy, problems, cfg, turns=1, samples=T, feedback="neutral", seed=seed + 2,
-                                desc=f"eval {name}: parallel"),
-    }
+    plan = {"oracle": (T, 1, "oracle"), "neutral": (T, 1, "neutral"), "parallel": (1, T, "neutral")}
+    runs = {}
+    for i, (kind, (turns, n, feedback)) in enumerate(plan.items()):
+        runs[kind] = rollout_all(policy, problems, cfg, turns=turns, samples=n, feedback=feedback, seed=seed + i,
+                                 desc=f"eval {name}: {kind}")
     metrics = {
         "p1": [summarize(p1_at(runs["oracle"], t)) for t in range(1, T + 1)],
         "m1": [summarize(m1_at(runs["neutral"], t)) for t in range(1, T + 1)],
@@ -531,53 +482,6 @@ def evaluate(policy: Policy, problems: list[data.Problem], cfg: Config, seed: in
         "turn": [summarize([ep.correct[t - 1] for ep in runs["neutral"]]) for t in range(1, T + 1)],
     }
     return metrics, runs
-
-
-METRIC_LABELS = {"p1": "p1@t  (oracle, sequential)", "pass": "pass@t (parallel)",
-                 "m1": "m1@t  (no oracle, sequential)", "maj": "maj@t (parallel)", "turn": "turn t alone"}
-
-
-def format_table(metrics: dict) -> str:
-    """A markdown table: one row per metric and turn, one column per policy, accuracy [95% interval]."""
-    names = list(metrics)
-    T = len(next(iter(metrics.values()))["p1"])
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key, label in METRIC_LABELS.items():
-        for t in range(1, T + 1):
-            cells = [f"{100 * m['acc']:.1f} [{100 * m['lo']:.1f}, {100 * m['hi']:.1f}]"
-                     for m in (metrics[name][key][t - 1] for name in names)]
-            lines.append(f"| {label.replace('@t', f'@{t}').replace(' t ', f' {t} ')} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(metrics: dict, path: Path) -> None:
-    """Accuracy against turn: sequential (solid) vs parallel (dashed), with and without an oracle."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    panels = [("with an oracle", "p1", "pass"), ("without an oracle", "m1", "maj")]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (title, seq, par) in zip(axes, panels):
-        for color, (name, m) in zip(colors, metrics.items()):
-            turns = range(1, len(m[seq]) + 1)
-            for key, style in ((seq, "-o"), (par, "--s")):
-                acc = [100 * x["acc"] for x in m[key]]
-                ax.plot(turns, acc, style, color=color, label=f"{name} {key}@t", markersize=4)
-                ax.fill_between(turns, [100 * x["lo"] for x in m[key]], [100 * x["hi"] for x in m[key]],
-                                color=color, alpha=0.08)
-        ax.set_title(title)
-        ax.set_xlabel("turn t (sequential) / samples t (parallel)")
-        ax.set_xticks(list(turns))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("accuracy (%)")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,39 +497,11 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def episode_record(ep: Episode) -> dict:
-    return {"id": ep.problem.id, "question": ep.problem.question, "reference": ep.problem.answer,
-            "feedback": ep.feedback, "chosen": ep.chosen,
-            "turns": [[dataclasses.asdict(c) for c in turn] for turn in ep.turns]}
-
-
-def episode_from_record(r: dict) -> Episode:
-    return Episode(data.Problem(r["question"], r["reference"], r["id"]), r["feedback"],
-                   [[Candidate(**c) for c in turn] for turn in r["turns"]], r["chosen"])
-
-
-def write_episodes(path: Path, episodes: list[Episode]) -> None:
-    write_atomic(path, "".join(json.dumps(episode_record(ep)) + "\n" for ep in episodes))
-
-
-def read_episodes(path: Path) -> list[Episode]:
-    return [episode_from_record(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-
-
-class RunState:
-    """state.json: the stages already completed, so --resume skips them."""
-
-    def __init__(self, out: Path):
-        self.path = out / "state.json"
-        self.done = json.loads(self.path.read_text())["done"] if self.path.is_file() else []
-
-    def complete(self, stage: str) -> None:
-        self.done.append(stage)
-        if is_main():
-            write_atomic(self.path, json.dumps({"done": self.done}, indent=1))
-
-    def __contains__(self, stage: str) -> bool:
-        return stage in self.done
+def mark_done(out: Path, done: list[str], stage: str) -> None:
+    """Record a completed stage in state.json (after its files are written), so --resume skips it."""
+    done.append(stage)
+    if is_main():
+        write_atomic(out / "state.json", json.dumps({"done": done}, indent=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,270 +534,22 @@ def init_distributed() -> str | None:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on CPUs); returns this rank's device."""
     if "RANK" not in os.environ or distributed():
         return None
-    cuda = torch.cuda.is_available()
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-        torch.cuda.set_device(device)
-        return device
-    return "cpu"
+    if not torch.cuda.is_available():
+        torch.distributed.init_process_group("gloo")
+        return "cpu"
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # NCCL works on the current device
+    torch.distributed.init_process_group("nccl")
+    return f"cuda:{torch.cuda.current_device()}"
 
 
-def shard(problems: list) -> list:
-    """This rank's problems: every world_size-th, starting at its rank."""
-    return problems[rank()::world_size()]
-
-
-def gather_episodes(episodes: list[Episode]) -> list[Episode]:
-    """Every rank's episodes (of its shard()), back in problem order, on every rank."""
+def gather_episodes(episodes: list[data.Episode]) -> list[data.Episode]:
+    """Every rank's episodes (of its share of the problems), back in problem order, on every rank."""
     if not distributed():
         return episodes
     parts = [None] * world_size()
     torch.distributed.all_gather_object(parts, episodes)
     total = sum(len(p) for p in parts)
     return [parts[i % len(parts)][i // len(parts)] for i in range(total)]
-
-
-# --------------------------------------------------------------------------------------------
-# The toy base model (CPU default)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ToyRecipe:
-    """How the CPU toy's base model is made, in two phases of pre-training from scratch:
-      1. arithmetic: single-turn problems with their correct solutions, until it can add and subtract;
-      2. episodes of a noisy student: a fresh attempt is right with probability p_right (a wrong one
-         has one arithmetic slip, carried through the later steps), and when asked to try again it
-         repeats its previous attempt with probability p_repeat -- the paper's observation (§1, §7)
-         that a model prompted to try again mostly hands back the same answer.
-    The result answers some but far from all problems at turn 1 and gains little from later turns:
-    the starting point RISE is meant to improve."""
-    n_train: int = 20_000  # toy problems (data.toy_splits); RISE later trains on a subset of these
-    n_test: int = 500
-    seed: int = 0
-    max_value: int = 30  # every number in a problem is at most this (data.make_toy_problems)
-    p_right: float = 0.4
-    p_repeat: float = 0.6
-    turns: int = 5
-    arithmetic_steps: int = 700  # optimizer steps of phase 1
-    episode_steps: int = 250  # optimizer steps of phase 2
-    batch_size: int = 64
-    lr: float = 2e-3
-    dim: int = 128
-    n_layers: int = 4
-
-    def key(self) -> str:
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
-    def split(self) -> dict:
-        return dict(n_train=self.n_train, n_test=self.n_test, seed=self.seed, max_value=self.max_value)
-
-
-def toy_args(recipe: ToyRecipe, vocab_size: int) -> M.ModelArgs:
-    return M.ModelArgs(dim=recipe.dim, n_layers=recipe.n_layers, n_heads=4, n_kv_heads=2, head_dim=recipe.dim // 4,
-                       hidden_dim=3 * recipe.dim, vocab_size=vocab_size, norm_eps=1e-5, rope_theta=10000.0,
-                       tie_word_embeddings=True, max_seq_len=1024)
-
-
-def slip(solution: str, rng: random.Random) -> str:
-    """The solution with one arithmetic slip: one step's result is off, and later steps carry it on."""
-    lines = solution.split("\n")[:-1]  # "37+48=85", "85-19=66"; the last line is "#### 66"
-    wrong = rng.randrange(len(lines))
-    value, out = None, []
-    for i, line in enumerate(lines):
-        left, _ = line.split("=")
-        op = next(c for c in left[1:] if c in "+-*")
-        a, b = left.split(op, 1) if left[0] != "-" else (left[:left.index(op, 1)], left[left.index(op, 1) + 1:])
-        a = int(a) if value is None else value
-        value = {"+": a + int(b), "-": a - int(b), "*": a * int(b)}[op]
-        if i == wrong:
-            value = max(0, value + rng.choice([-10, -2, -1, 1, 2, 10])) or value + 1
-        out.append(f"{a}{op}{b}={value}")
-    return "\n".join(out + [f"#### {value}"])
-
-
-def toy_episode(problem: data.Problem, recipe: ToyRecipe, rng: random.Random) -> tuple[list[dict], str]:
-    """One synthetic episode of the noisy student, under the oracle (stop when right) or neutral protocol."""
-    feedback = rng.choice(["oracle", "neutral"])
-    attempts = []
-    for _ in range(recipe.turns):
-        if attempts and rng.random() < recipe.p_repeat:
-            attempt = attempts[-1]
-        else:
-            attempt = problem.answer if rng.random() < recipe.p_right else slip(problem.answer, rng)
-        attempts.append(attempt)
-        if feedback == "oracle" and attempt == problem.answer:
-            break
-    messages = data.state_messages(problem, attempts[:-1], data.TOY_PROMPTS, feedback)
-    return messages + [{"role": "assistant", "content": attempts[-1]}], feedback
-
-
-def all_turns_example(tokenizer: M.Tokenizer, messages: list[dict], eos_ids) -> Example:
-    """One sequence that trains every assistant turn of an episode (pre-training is not RISE: every
-    turn of the synthetic student is a target). Pieces come from data.training_example, whose prefixes
-    agree token for token under the toy's character-level tokenizer."""
-    ids, mask = data.training_example(tokenizer, messages, eos_ids)
-    for i, m in enumerate(messages[:-1]):
-        if m["role"] == "assistant":
-            sub_ids, sub_mask = data.training_example(tokenizer, messages[:i + 1], eos_ids)
-            assert ids[:len(sub_ids)] == sub_ids
-            mask[:len(sub_mask)] = [a | b for a, b in zip(mask, sub_mask)]
-    return Example(ids, mask, 1.0, 0)
-
-
-def toy_recipe(cfg: Config) -> ToyRecipe:
-    """The recipe a run uses; --toy-pretrain-steps N shortens both phases (N each) for quick tests."""
-    n = cfg.toy_pretrain_steps
-    return ToyRecipe() if n is None else ToyRecipe(arithmetic_steps=n, episode_steps=n)
-
-
-def toy_cache_dir() -> Path:
-    return Path(os.environ.get("RISE_CACHE", "~/.cache/rise")).expanduser()
-
-
-def build_toy_base(recipe: ToyRecipe | None = None, cache_dir: Path | None = None) -> Path:
-    """The toy base checkpoint: a tiny Llama trained from scratch (see ToyRecipe), saved in Hugging Face
-    format and loaded back like any checkpoint. Built once per recipe, then cached."""
-    recipe = recipe or ToyRecipe()
-    path = (cache_dir or toy_cache_dir()) / f"toy-base-{recipe.key()}"
-    if (path / "config.json").is_file():
-        return path
-    tmp_tok = Path(tempfile_dir(path.parent))
-    tokenizer = M.Tokenizer(data.write_toy_tokenizer(tmp_tok))
-    torch.manual_seed(recipe.seed)
-    args = toy_args(recipe, tokenizer.vocab_size)
-    args.bos_id, args.eos_ids = tokenizer.bos_id, (tokenizer.eos_id,)
-    model = M.Transformer(args)
-    for name, p in model.named_parameters():  # GPT-2 style init: small normal weights, unit norms
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.02)
-    problems, _ = data.toy_splits(**recipe.split())
-    rng = random.Random(recipe.seed)
-    eos = args.eos_ids
-    draw = lambda n: [problems[rng.randrange(len(problems))] for _ in range(n)]  # noqa: E731
-    phases = [("arithmetic", recipe.arithmetic_steps,
-               lambda p: data.state_messages(p, [], data.TOY_PROMPTS) + [{"role": "assistant", "content": p.answer}]),
-              ("noisy episodes", recipe.episode_steps, lambda p: toy_episode(p, recipe, rng)[0])]
-    stats = {}
-    for name, steps, make in phases:
-        examples = [all_turns_example(tokenizer, make(p), eos) for p in draw(steps * recipe.batch_size)]
-        # float32: at this width bf16 autocast's casts cost more than its matrix units save (a phase-1
-        # step took 650 ms with it, 360 ms without, on the 2-core Sapphire Rapids of README)
-        cfg = Config(lr=recipe.lr, epochs=1, batch_size=recipe.batch_size, micro_batch=recipe.batch_size,
-                     warmup=0.05, weight_decay=0.1, amp=False)
-        stats[name] = train(model, examples, cfg, tokenizer.pad_id, seed=recipe.seed, desc=f"toy base: {name}")
-    M.save(model, path, tokenizer_dir=tmp_tok)
-    write_atomic(path / "recipe.json", json.dumps({**dataclasses.asdict(recipe), **stats}, indent=1))
-    shutil.rmtree(tmp_tok, ignore_errors=True)
-    return path
-
-
-def tempfile_dir(parent: Path) -> str:
-    import tempfile
-    parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".toy-tokenizer.", dir=parent)
-
-
-# --------------------------------------------------------------------------------------------
-# Memory: what a run needs, estimated before it starts
-# --------------------------------------------------------------------------------------------
-
-
-def parameter_count(args: M.ModelArgs) -> int:
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    per_layer = args.dim * (q + 2 * kv) + q * args.dim + 3 * args.dim * args.hidden_dim + 2 * args.dim
-    embeddings = args.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
-    return embeddings + args.n_layers * per_layer + args.dim
-
-
-def lora_parameter_count(args: M.ModelArgs, rank: int) -> int:
-    """A rank-r adapter on an (in -> out) projection has r * (in + out) weights; seven projections a layer."""
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    shapes = [(args.dim, q), (args.dim, kv), (args.dim, kv), (q, args.dim), (args.dim, args.hidden_dim),
-              (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
-    return args.n_layers * rank * sum(i + o for i, o in shapes)
-
-
-def memory_estimate(args: M.ModelArgs, cfg: Config, device_type: str, world: int = 1) -> dict[str, dict[str, float]]:
-    """GiB one device needs in each stage of a run. Stages run one after the other and free their memory,
-    so the peak is the larger of the two. A rough but conservative bill: weights, gradients, AdamW's two
-    moments, activations of one micro-batch, logits, and the KV cache of one batch of rollouts."""
-    GiB = 2 ** 30
-    P = parameter_count(args)
-    low = device_type == "cuda" if cfg.dtype is None else cfg.dtype in ("bfloat16", "float16")
-    wbytes = 2 if low else 4
-    seq = 256 + cfg.turns * (cfg.max_new_tokens + 64)  # the longest state: prompt + T attempts and feedbacks
-    kv_per_token = args.n_layers * 2 * args.n_kv_heads * args.head_dim * wbytes
-    rollout = {"weights": P * wbytes / GiB,
-               "KV cache (rows_per_batch x longest state)": cfg.rows_per_batch * seq * kv_per_token / GiB,
-               "logits of one decoding step": cfg.rows_per_batch * args.vocab_size * 4 / GiB}
-    shard = world if cfg.fsdp else 1
-    if cfg.lora_rank:
-        trainable = lora_parameter_count(args, cfg.lora_rank)
-        training = {"frozen weights": P * wbytes / GiB,
-                    "LoRA adapters + gradients + AdamW (fp32)": trainable * 16 / GiB}
-    else:
-        master = 4 if cfg.dtype is None else wbytes
-        training = {"weights (fp32 master)" if master == 4 else "weights": P * master / shard / GiB,
-                    "gradients": P * master / shard / GiB, "AdamW moments (fp32)": P * 8 / shard / GiB}
-    act_bytes = 2 if (low or use_amp(cfg, torch.device(device_type))) else 4
-    per_token_layer = (6 * args.dim + 4 * args.hidden_dim) * act_bytes  # what one layer keeps for backward
-    tokens = cfg.micro_batch * seq
-    if cfg.grad_checkpoint:  # keep each layer's input; recompute one layer at a time
-        act = tokens * (args.n_layers * args.dim * act_bytes + per_token_layer)
-    else:
-        act = tokens * args.n_layers * per_token_layer
-    training["activations (micro_batch x longest state)"] = act / GiB
-    training["logits, log-probs and their gradient"] = tokens * args.vocab_size * 10 / GiB
-    return {"rollouts": rollout, "training": training}
-
-
-def peak_gib(estimate: dict) -> float:
-    return max(sum(stage.values()) for stage in estimate.values())
-
-
-def format_estimate(estimate: dict) -> str:
-    lines = []
-    for stage, parts in estimate.items():
-        lines.append(f"  {stage}: {sum(parts.values()):.1f} GiB")
-        lines += [f"    {name:<45} {gib:8.2f} GiB" for name, gib in parts.items()]
-    return "\n".join(lines)
-
-
-def device_memory_gib(device: torch.device) -> float:
-    """Memory of one device: the GPU's own, or the machine's RAM for a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-
-
-def check_memory(base_path: Path, cfg: Config, refuse: bool = True) -> dict:
-    """Print what the run will need; refuse, naming flags that would fit, when the device has less.
-    The device is cfg.device (default: cuda if there is one); for an estimate alone (refuse=False)
-    it need not exist here, so `--estimate-memory --device cuda` plans a GPU run on a laptop."""
-    args = M.ModelArgs.from_config(json.loads((base_path / "config.json").read_text()))
-    device, _ = M.default_placement(cfg.device)
-    world = world_size() if distributed() else int(os.environ.get("WORLD_SIZE", "1"))  # (plan a torchrun run)
-    estimate = memory_estimate(args, cfg, device.type, world)
-    available = device_memory_gib(device) if refuse or device.type != "cuda" or torch.cuda.is_available() else None
-    if is_main():
-        have = f", {available:.0f} GiB available" if available is not None else ""
-        tqdm.write(f"memory estimate per {device.type} device ({parameter_count(args) / 1e9:.2f}B parameters"
-                   f"{have}; {world} process{'es' if world > 1 else ''}{', FSDP' if cfg.fsdp else ''}):\n{format_estimate(estimate)}")
-    if refuse and peak_gib(estimate) > 0.92 * available:
-        options = [("--grad-checkpoint", dict(grad_checkpoint=True)), ("--micro-batch 1", dict(micro_batch=1)),
-                   ("--lora-rank 16 --grad-checkpoint", dict(lora_rank=16, grad_checkpoint=True)),
-                   ("--lora-rank 16 --grad-checkpoint --micro-batch 1 --rows-per-batch 16",
-                    dict(lora_rank=16, grad_checkpoint=True, micro_batch=1, rows_per_batch=16))]
-        fits = [flags for flags, change in options
-                if peak_gib(memory_estimate(args, dataclasses.replace(cfg, **change), device.type, world))
-                <= 0.92 * available]
-        hint = f"add {fits[0]}" if fits else "shard the model over several GPUs: torchrun --nproc_per_node=8 " \
-                                            "rise.py --fsdp ..."
-        raise SystemExit(f"error: this run needs about {peak_gib(estimate):.0f} GiB per device but the {device.type} "
-                         f"device has {available:.0f} GiB. To fit, {hint}.")
-    return estimate
 
 
 # --------------------------------------------------------------------------------------------
@@ -933,58 +561,108 @@ def load_policy(path: Path, cfg: Config, prompts: data.Prompts, training: bool =
     """A checkpoint as a Policy. For training: LoRA adapters added (only they train) if lora_rank > 0,
     else float32 master weights (bfloat16 autocast does the arithmetic) unless --dtype says otherwise."""
     dtype = cfg.dtype or (None if not training or cfg.lora_rank else "float32")
-    model, tokenizer = M.load(path, dtype=getattr(torch, dtype) if dtype else None, device=cfg.device)
+    model = M.load(path, dtype=getattr(torch, dtype) if dtype else None, device=cfg.device)
     if training and cfg.lora_rank:
         M.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-    return Policy(model, tokenizer, prompts)  # (with --fsdp, wrap_for_training shards it layer by layer)
+    return Policy(model, data.Tokenizer(path), prompts)  # (with --fsdp, wrap_for_training shards it)
 
 
 def save_policy(model: M.Transformer, path: Path, base_path: Path, cfg: Config) -> None:
     """The trained policy as a plain Hugging Face checkpoint (LoRA merged into the weights), in the dtype
-    inference uses; rank 0 writes it. Adapters alone are kept beside it (adapter.safetensors)."""
-    if cfg.lora_rank and is_main():
-        from safetensors.torch import save_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in M.lora_state_dict(model).items()},
-                  path.parent / "adapter.safetensors")
-    if cfg.lora_rank:
-        M.merge_lora(model)
+    inference uses; rank 0 writes it. LoRA adapters alone are kept beside it (adapter.safetensors)."""
+    adapters = {name: p.detach().cpu().contiguous() for name, p in M.lora_state_dict(model).items()}
+    M.merge_lora(model)  # (nothing to merge without LoRA)
     state = None
-    if cfg.fsdp and distributed():
+    if cfg.fsdp and distributed():  # every rank holds a shard: gather the whole state on rank 0's CPU
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main():
         _, dtype = M.default_placement(cfg.device, getattr(torch, cfg.dtype) if cfg.dtype else None)
         M.save(model, path, tokenizer_dir=base_path, state_dict=state, dtype=dtype)
+        if adapters:
+            save_file(adapters, path.parent / "adapter.safetensors")
     barrier()
 
 
-def run(cfg: Config, resume: bool = False) -> dict:
-    """The whole method: evaluate the base, then `iterations` times collect -> train -> evaluate.
-    Each stage loads what it needs from disk and marks itself done in state.json when its files are
-    written, so an interrupted run resumes at the first unfinished stage with the same result."""
-    out = Path(cfg.out)
-    state = RunState(out)
-    if state.done and not resume:
-        raise SystemExit(f"error: {out} already holds a run (stages done: {', '.join(state.done)}). "
-                         f"Pass --resume to continue it, or choose another --out.")
-    if resume and (out / "config.json").is_file():
-        saved = json.loads((out / "config.json").read_text())
-        cfg = Config(**{**saved, "out": cfg.out, "device": cfg.device})  # a resumed run keeps its settings
-    elif is_main():
-        write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+def load_problems(spec: str, limit: int | None, cfg: Config) -> list[data.Problem]:
+    """The first `limit` problems of a data.load_problems set; "toy:train" / "toy:test" are the toy base's."""
+    if spec.startswith("toy:"):
+        import toy
+        return toy.recipe(cfg.toy_pretrain_steps).problems(spec.removeprefix("toy:"))[:limit]
+    return data.load_problems(spec)[:limit]
 
-    recipe = toy_recipe(cfg)
-    if cfg.model == "toy":
-        if is_main():
-            build_toy_base(recipe)
-        barrier()
-    base_path = build_toy_base(recipe) if cfg.model == "toy" else resolve_model(cfg.model)
-    check_memory(base_path, cfg)
-    prompts = data.TOY_PROMPTS if cfg.train_data.startswith("toy") else data.GSM8K_PROMPTS
-    train_problems = data.load_problems(cfg.train_data, **recipe.split())[:cfg.train_problems]
-    eval_problems = data.load_problems(cfg.eval_data, **recipe.split())[:cfg.eval_problems]  # the base's split
-    teacher = load_policy(resolve_model(cfg.teacher), cfg, prompts) if cfg.teacher else None
+
+def base_checkpoint(cfg: Config) -> Path:
+    """The checkpoint RISE starts from; the toy's is built (once, by rank 0) and cached."""
+    if cfg.model != "toy":
+        return resolve_model(cfg.model)
+    import toy
+    if is_main():
+        toy.build_base(toy.recipe(cfg.toy_pretrain_steps))
+    barrier()
+    return toy.build_base(toy.recipe(cfg.toy_pretrain_steps))
+
+
+def resumed_config(cfg: Config, given: set[str]) -> Config:
+    """The settings of the run in --out, and of the flags given now, those that may change (resume=True)."""
+    path = Path(cfg.out) / "config.json"
+    if not (path.parent / "state.json").is_file() or not path.is_file():
+        raise ConfigError(f"--resume: {path.parent} holds no run to resume; leave out --resume to start one there")
+    saved = Config(**json.loads(path.read_text()))
+    changed = {name for name in given if getattr(cfg, name) != getattr(saved, name)}
+    refused = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)} (the run has {getattr(saved, f.name)})"
+               for f in dataclasses.fields(cfg) if f.name in changed and not f.metadata.get("resume")]
+    if refused:
+        raise ConfigError("--resume continues a run with its own settings; these differ: " + ", ".join(refused) +
+                          ". Leave them out, or start a new run with another --out.")
+    return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in changed})
+
+
+def check_out(out: Path, cfg: Config) -> None:
+    """The run folder can be made and written, and no file sits where the run will write a folder."""
+    existing = next(path for path in [out, *out.parents] if path.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot create or write a folder there ({existing} is not a writable "
+                          "folder); choose another --out")
+    for folder in [out / "eval"] + [out / f"iter{k}" for k in range(1, cfg.iterations + 1)]:
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--out {out}: {folder} is a file where the run writes a folder; move it away")
+
+
+def check_fits(path: Path, problems: list[data.Problem], prompts: data.Prompts, cfg: Config) -> None:
+    """The checkpoint's config, tokenizer and weight headers are usable, and the longest first turn plus
+    an attempt fits its context."""
+    args = M.check_checkpoint(path)
+    tokens, problem = data.longest_first_turn(data.Tokenizer(path), problems, prompts)
+    if tokens + cfg.max_new_tokens > args.max_seq_len:
+        raise ConfigError(f"problem {problem.id}: its first turn is {tokens} tokens, and with --max-new-tokens "
+                          f"{cfg.max_new_tokens} that is over {path}'s context of {args.max_seq_len} tokens; "
+                          "lower --max-new-tokens or remove the problem from the data")
+
+
+def run(cfg: Config, resume: bool = False, given: set[str] = frozenset()) -> dict:
+    """The whole method: evaluate the base, then `iterations` times collect -> train -> evaluate.
+    Everything is checked before any work. Each stage loads what it needs from disk and marks itself
+    done in state.json when its files are written, so an interrupted run resumes at the first
+    unfinished stage with the same result."""
+    out = Path(cfg.out)
+    cfg = resumed_config(cfg, given) if resume else cfg
+    check_settings(cfg)
+    state = json.loads((out / "state.json").read_text())["done"] if (out / "state.json").is_file() else []
+    if state and not resume:
+        raise ConfigError(f"--out {out} already holds a run (stages done: {', '.join(state)}); "
+                          "pass --resume to continue it, or choose another --out")
+    check_out(out, cfg)
+    prompts = data.TOY_PROMPTS if cfg.train_data.startswith("toy:") else data.GSM8K_PROMPTS
+    train_problems = load_problems(cfg.train_data, cfg.train_problems, cfg)
+    eval_problems = load_problems(cfg.eval_data, cfg.eval_problems, cfg)
+    base_path = base_checkpoint(cfg)
+    teacher_path = resolve_model(cfg.teacher) if cfg.teacher else None
+    for path in filter(None, [base_path, teacher_path]):
+        check_fits(path, train_problems + eval_problems, prompts, cfg)
+    if is_main():
+        write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    teacher = load_policy(teacher_path, cfg, prompts) if teacher_path else None
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
 
@@ -995,11 +673,11 @@ def run(cfg: Config, resume: bool = False) -> dict:
         metrics[name] = result
         if is_main():
             for kind, episodes in runs.items():
-                write_episodes(out / "eval" / f"{name}_{kind}.jsonl", episodes)
+                write_atomic(out / "eval" / f"{name}_{kind}.jsonl", data.episodes_to_jsonl(episodes))
             write_atomic(metrics_path, json.dumps(metrics, indent=1))
-            plot(metrics, out / "metrics.png")
-            print(f"\n{format_table(metrics)}\n", flush=True)
-        state.complete(f"eval:{name}")
+            tqdm.write(f"{name}: " + ", ".join(f"{key}@{cfg.turns} {100 * result[key][-1]['acc']:.1f}%"
+                                               for key in ("p1", "pass", "m1", "maj")))
+        mark_done(out, state, f"eval:{name}")
 
     evaluate_stage("base", base_path)
     policy_path = base_path
@@ -1008,7 +686,7 @@ def run(cfg: Config, resume: bool = False) -> dict:
         if f"collect:{k}" not in state:
             policy = load_policy(policy_path, cfg, prompts)
             # "mixed": every other problem with the oracle's feedback, the rest with the neutral one
-            plan = [(cfg.collect_feedback, train_problems)] if cfg.collect_feedback != "mixed" else \
+            plan = [(cfg.feedback, train_problems)] if cfg.feedback != "mixed" else \
                 [("oracle", train_problems[0::2]), ("neutral", train_problems[1::2])]
             episodes = []
             for feedback, problems in plan:
@@ -1016,122 +694,71 @@ def run(cfg: Config, resume: bool = False) -> dict:
                                         feedback=feedback, teacher=teacher, seed=cfg.seed + 100 * k,
                                         desc=f"iter {k}: collect ({feedback})")
             del policy
+            weigh(episodes, cfg)
             if is_main():
-                write_episodes(it / "trajectories.jsonl", episodes)
-                log_collection(episodes, k)
-            state.complete(f"collect:{k}")
+                write_atomic(it / "trajectories.jsonl", data.episodes_to_jsonl(episodes))
+            mark_done(out, state, f"collect:{k}")
         barrier()
         if f"train:{k}" not in state:
             policy = load_policy(policy_path, cfg, prompts, training=True)
-            examples = training_examples(read_episodes(it / "trajectories.jsonl"), policy, cfg)
+            episodes = data.episodes_from_jsonl((it / "trajectories.jsonl").read_text())
+            examples = data.training_examples(episodes, policy.tokenizer, prompts, policy.model.args.eos_ids,
+                                              cfg.context)
             torch.manual_seed(cfg.seed + k)
             stats = train(policy.model, examples, cfg, policy.tokenizer.pad_id, seed=cfg.seed + k,
                           desc=f"iter {k}: train")
             save_policy(policy.model, it / "policy", base_path, cfg)
             if is_main():
                 write_atomic(it / "train.json", json.dumps(stats, indent=1))
-            state.complete(f"train:{k}")
+            mark_done(out, state, f"train:{k}")
             del policy
         policy_path = it / "policy"
         evaluate_stage(f"iter{k}", policy_path)
     return metrics
 
 
-def log_collection(episodes: list[Episode], k: int) -> None:
-    """What collection found, turn by turn: how many episodes were still going, and in how many of them
-    some candidate was right (the turns that give AWR something to learn from)."""
-    T = max(len(ep.turns) for ep in episodes)
-    for t in range(T):
-        live = [ep for ep in episodes if len(ep.turns) > t]
-        any_right = sum(any(c.reward == 1.0 for c in ep.turns[t]) for ep in live)
-        tqdm.write(f"iter {k} collect, turn {t + 1}: {len(live)} episodes, {any_right} with a right candidate")
+def parse_args(argv=None) -> tuple[Config, bool, set[str]]:
+    """Config from the command line: one flag per field, its help and default from the field; flags left
+    out take the toy's defaults (toy.PRESET) with --model toy and Config's otherwise."""
+    import toy
 
-
-def parse_args(argv=None) -> tuple[Config, bool, bool]:
-    defaults = Config()
     parser = argparse.ArgumentParser(
         description="RISE (Recursive Introspection, Qu et al. 2024): teach a model to improve its own answer over "
                     "several turns. With no arguments: a CPU toy that builds a tiny model and shows the effect.",
-        epilog="Flags left out take the toy's defaults with --model toy (the default) and the paper's otherwise.")
-    add = parser.add_argument
-    add("--model", default=defaults.model, help="checkpoint directory, a known name (" + ", ".join(MODEL_NAMES) +
-        ") found offline in $RISE_MODELS or the Hugging Face cache, or 'toy'")
-    add("--teacher", default=None, help="RISE-Distill: a stronger checkpoint that writes turns 2..T (default: none, RISE-Self)")
-    add("--train-data", default=None, help="gsm8k:train, toy:train or a .jsonl file (question/answer fields); "
-        "GSM8K is read from $RISE_DATA_DIR, or else ../shared/data")
-    add("--eval-data", default=None, help="gsm8k:test, math:test, toy:test or a .jsonl file")
-    add("--train-problems", type=int, default=None, help="use only the first K training problems")
-    add("--eval-problems", type=int, default=None, help="use only the first K evaluation problems")
-    add("--turns", type=int, default=defaults.turns, help="T, attempts per episode")
-    add("--samples", type=int, default=None, help="N, candidates per turn when collecting (best-of-N)")
-    add("--iterations", type=int, default=None, help="collect -> train -> evaluate rounds")
-    add("--feedback", dest="collect_feedback", choices=["oracle", "neutral", "mixed"], default=None,
-        help="collection feedback: oracle says 'incorrect' and stops at the first right answer; neutral never "
-             "tells; mixed: half the problems each way")
-    add("--context", choices=["all", "last"], default=defaults.context,
-        help="state = question + all earlier attempts (paper) or only the latest (official evaluation code)")
-    add("--temperature", type=float, default=defaults.temperature, help="sampling temperature (0 = greedy)")
-    add("--top-p", type=float, default=defaults.top_p, help="nucleus sampling mass")
-    add("--max-new-tokens", type=int, default=None, help="token budget of one attempt")
-    add("--weighting", choices=["awr", "official"], default=defaults.weighting,
-        help="awr: exp(advantage/beta) over all candidates; official: exp(reward/0.4) on kept attempts only")
-    add("--beta", type=float, default=defaults.beta, help="AWR temperature (lower = greedier)")
-    add("--max-weight", type=float, default=defaults.max_weight, help="AWR weight clip")
-    add("--no-normalize-advantages", dest="normalize_advantages", action="store_false",
-        help="use reward - mean without dividing by the turn's standard deviation")
-    add("--keep-uniform-turns", dest="skip_uniform_turns", action="store_false",
-        help="also train on turns whose candidates all scored the same (weight 1 each)")
-    add("--lr", type=float, default=None, help="AdamW peak learning rate")
-    add("--epochs", type=int, default=None, help="passes over the collected examples per iteration")
-    add("--batch-size", type=int, default=None, help="examples per optimizer step")
-    add("--micro-batch", type=int, default=None, help="examples per forward pass (gradient accumulation)")
-    add("--warmup", type=float, default=defaults.warmup, help="warm-up fraction of the steps")
-    add("--rows-per-batch", type=int, default=None, help="sequences sampled together")
-    add("--lora-rank", type=int, default=defaults.lora_rank,
-        help="train rank-R LoRA adapters on the attention and MLP projections (0: full fine-tuning)")
-    add("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA scale is alpha / rank")
-    add("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
-    add("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP) instead of replicating it (DDP)")
-    add("--amp", action=argparse.BooleanOptionalAction, default=None,
-        help="bfloat16 autocast in training (default: on for CUDA and CPUs with bf16 units; toy: off)")
-    add("--seed", type=int, default=defaults.seed, help="seeds sampling, shuffling and the toy's data")
-    add("--toy-pretrain-steps", type=int, default=None,
-        help="optimizer steps of each phase of the toy base's pre-training (default: ToyRecipe's; the base is "
-             "built once per setting, then cached in $RISE_CACHE)")
-    add("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-        help="default: bfloat16 on GPU, float32 on CPU")
-    add("--device", default=None, help="default: cuda if available, else cpu")
-    add("--out", default=None, help="run directory (config, trajectories, metrics, checkpoints)")
-    add("--resume", action="store_true", help="continue the run in --out from its last completed stage")
-    add("--estimate-memory", action="store_true",
-        help="print the memory the run would need per device (--device cuda plans a GPU run from any machine; "
-             "the model directory needs only its config.json) and exit")
-    for action in parser._actions:  # say each default, and the toy's where it differs
-        if action.nargs == 0 or "default" in (action.help or "default"):  # switches, and those that say it
-            continue
-        default = action.default if action.default is not None else getattr(defaults, action.dest, None)
-        default = "all" if default is None and action.dest.endswith("_problems") else default
-        toy = TOY_PRESET.get(action.dest, default)
-        action.help += f" (default: {default}" + (f"; toy: {toy})" if toy != default else ")")
+        epilog="Flags left out take the toy's defaults with --model toy (the default) and the paper's otherwise. "
+               "Plan the memory of a big run with `python bench.py --estimate-memory [flags]`.")
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        kind = next(t for t in typing.get_args(hints[f.name]) or [hints[f.name]] if t is not type(None))
+        toy_default = toy.PRESET.get(f.name, f.default)
+        default = f"default: {f.default}" + (f"; toy: {toy_default}" if toy_default != f.default else "")
+        extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{f.metadata['help']} ({default})",
+                            choices=f.metadata.get("choices"), **extra)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed stage")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
-    estimate_only = args.pop("estimate_memory")
-    preset = TOY_PRESET if args["model"] == "toy" else {}
-    values = {**dataclasses.asdict(defaults), **preset, **{k: v for k, v in args.items() if v is not None}}
-    return Config(**values), resume, estimate_only
+    preset = toy.PRESET if (args["model"] or Config.model) == "toy" else {}
+    given = {k for k, v in args.items() if v is not None}
+    return Config(**{**preset, **{k: args[k] for k in given}}), resume, given
 
 
 def main(argv=None):
-    cfg, resume, estimate_only = parse_args(argv)
-    if estimate_only:
-        base = build_toy_base(toy_recipe(cfg)) if cfg.model == "toy" else resolve_model(cfg.model)
-        check_memory(base, cfg, refuse=False)
-        return
+    """The command: bad input ends in one message and exit status 2, before any work where it can."""
+    cfg, resume, given = parse_args(argv)
     cfg.device = init_distributed() or cfg.device
     start = time.time()
-    run(cfg, resume)
+    try:
+        metrics = run(cfg, resume, given)
+    except (ConfigError, data.DataError, M.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if is_main():
-        print(f"done in {(time.time() - start) / 60:.1f} min; results in {cfg.out}/ (metrics.json, metrics.png)")
+        import report  # the table, metrics.png and report.html: for reading the results, not the method
+        print(f"\n{report.format_table(metrics)}\n")
+        report.write_report(cfg.out)
+        print(f"done in {(time.time() - start) / 60:.1f} min; results in {cfg.out}/ (metrics.json, metrics.png, "
+              "report.html)")
 
 
 if __name__ == "__main__":

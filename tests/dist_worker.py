@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import model as M  # noqa: E402
+import data  # noqa: E402
 import rise  # noqa: E402
 from tests import test_scale  # noqa: E402
 
@@ -45,7 +45,7 @@ def main():
         episodes = rise.rollout_all(policy, test_scale.rollout_problems(), test_scale.rollout_config(), turns=2,
                                     samples=2, feedback="oracle", seed=7)
         if rise.is_main():
-            rise.write_episodes(out, episodes)
+            out.write_text(data.episodes_to_jsonl(episodes))
     else:
         raise SystemExit(f"unknown mode {mode}")
     rise.barrier()

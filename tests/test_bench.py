@@ -5,13 +5,12 @@ import math
 
 import bench
 import model as M
-import rise
 
 
 def test_gpu_check_runs_a_rollout_and_an_awr_step_on_cpu():
     r = bench.gpu_check("tiny", device="cpu", rows=4, turns=2, prompt_len=12, attempt_tokens=10, feedback_len=3,
                         train_examples=4, micro_batch=2)
-    assert r["parameters"] == rise.parameter_count(M.ModelArgs(**bench.CHECK_SIZES["tiny"]))
+    assert r["parameters"] == bench.parameter_count(M.ModelArgs(**bench.CHECK_SIZES["tiny"]))
     assert r["decode_tok_s"] > 0 and r["train_tok_s"] > 0
     assert math.isfinite(r["loss"]) and r["loss"] > 0 and r["weights_moved"]
     bench.print_gpu_check(r)

@@ -1,7 +1,6 @@
-"""Tests of data.py: loading, the episode's states and their tokens, training masks, the toy task."""
+"""Tests of data.py: loading, the episode's states and their tokens, training masks."""
 
 import json
-import re
 import shutil
 import string
 from pathlib import Path
@@ -9,8 +8,9 @@ from pathlib import Path
 import pytest
 
 import data
-from data import GSM8K_PROMPTS, TOY_PROMPTS, Problem, Prompts
-from model import Tokenizer, load
+import toy
+from data import GSM8K_PROMPTS, Problem, Prompts, Tokenizer
+from model import load
 from tests.conftest import write_tiny_tokenizer
 
 PROBLEM = Problem("Tom has {3} apples and buys 4 more. How many?", "3+4=7\n#### 7", "p-0")
@@ -84,14 +84,14 @@ def tokenizers(tmp_path_factory, smollm2_dir) -> dict[str, tuple[Tokenizer, tupl
     made = {
         "chatml": root / "chatml",
         "smollm2": smollm2_dir,  # ChatML with a default system message, pad == eos
-        # a base model: no template (model.PLAIN_CHAT_TEMPLATE), pad == eos == </s>
+        # a base model: no template (data.PLAIN_CHAT_TEMPLATE), pad == eos == </s>
         "plain": edit_tokenizer(root / "chatml", root / "plain", chat_template=None, eos_token="</s>",
                                 pad_token="</s>"),
         "llama3": edit_tokenizer(root / "chatml", root / "llama3", add=llama3, chat_template=LLAMA3_TEMPLATE,
                                  bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token=None,
                                  add_bos_token=False),
         "mistral": write_metaspace_tokenizer(root / "mistral"),
-        "toy": data.write_toy_tokenizer(root / "toy"),
+        "toy": toy.write_tokenizer(root / "toy"),
     }
     out = {}
     DIRS.update(made)
@@ -183,11 +183,11 @@ def test_state_messages(feedback, context):
 
 def test_toy_state_is_short(tokenizers):
     tk, _ = tokenizers["toy"]
-    toy = data.make_toy_problems(1, seed=0)[0]
-    text = tk.apply_chat_template(data.state_messages(toy, ["1+1=2\n#### 2"], TOY_PROMPTS))
-    assert text == f"<u>{toy.question}<a>1+1=2\n#### 2</a><u>Wrong.<a>"
-    neutral = data.state_messages(toy, ["x"], TOY_PROMPTS, feedback="neutral")
-    assert neutral[-1]["content"] == TOY_PROMPTS.neutral_feedback
+    problem = toy.make_problems(1, seed=0)[0]
+    text = tk.apply_chat_template(data.state_messages(problem, ["1+1=2\n#### 2"], data.TOY_PROMPTS))
+    assert text == f"<u>{problem.question}<a>1+1=2\n#### 2</a><u>Wrong.<a>"
+    neutral = data.state_messages(problem, ["x"], data.TOY_PROMPTS, feedback="neutral")
+    assert neutral[-1]["content"] == data.TOY_PROMPTS.neutral_feedback
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_render_matches_transformers(tokenizers, name):
 def test_render_tiny_checkpoint(tiny_checkpoints):
     from transformers import AutoTokenizer
 
-    model, tk = load(tiny_checkpoints["llama2_mha"])
+    model, tk = load(tiny_checkpoints["llama2_mha"]), Tokenizer(tiny_checkpoints["llama2_mha"])
     reference = AutoTokenizer.from_pretrained(tiny_checkpoints["llama2_mha"])
     messages = data.state_messages(PROBLEM, ATTEMPTS[:2])
     ids = data.render_state(tk, messages)
@@ -242,8 +242,8 @@ def sampled_ids(tk, state_text: str, sample: str) -> list[int]:
 @pytest.mark.parametrize("feedback", ["oracle", "neutral"])
 def test_continuation_rebuilds_next_state(tokenizers, name, closed, feedback):
     tk, eos_ids = tokenizers[name]
-    prompts = TOY_PROMPTS if name == "toy" else GSM8K_PROMPTS
-    problem = data.make_toy_problems(1, seed=3)[0] if name == "toy" else PROBLEM
+    prompts = data.TOY_PROMPTS if name == "toy" else GSM8K_PROMPTS
+    problem = toy.make_problems(1, seed=3)[0] if name == "toy" else PROBLEM
     attempts = ["37+4=41\n#### 41", "3-1=2\n#### 2", "9+9=18\n#### 18"] if name == "toy" else ATTEMPTS
     end = data.end_of_turn_id(tk, eos_ids)
     cache = data.render_state(tk, data.state_messages(problem, [], prompts, feedback))
@@ -308,79 +308,3 @@ def test_training_example_masks(tokenizers, name):
         assert tk.apply_chat_template(messages, add_generation_prompt=False).startswith(whole)
     with pytest.raises(ValueError):
         data.training_example(tk, data.state_messages(PROBLEM, ATTEMPTS[:1]), eos_ids)
-
-
-# --------------------------------------------------------------------------------------------
-# The toy task and its tokenizer
-# --------------------------------------------------------------------------------------------
-
-STEP = re.compile(r"^(\d+)([-+*])(\d+)=(\d+)$")
-
-
-def check_toy(problem: Problem, steps: int, max_value: int, ops: str):
-    *lines, final = problem.answer.split("\n")
-    assert len(lines) == steps and final.startswith("#### ")
-    value = int(problem.question.split(" has ")[1].split()[0])
-    numbers = [int(n) for n in re.findall(r"\d+", problem.question)]
-    assert numbers[0] == value and all(0 <= n <= max_value for n in numbers)
-    for line, operand in zip(lines, numbers[1:]):
-        a, op, b, c = STEP.match(line).groups()
-        assert int(a) == value and int(b) == operand and op in ops  # the steps follow the question
-        value = {"+": value + int(b), "-": value - int(b), "*": value * int(b)}[op]
-        assert int(c) == value and 0 <= value <= max_value  # the arithmetic is right, never negative
-    assert final == f"#### {value}"
-
-
-def test_toy_problems():
-    problems = data.make_toy_problems(300, seed=7)
-    assert problems == data.make_toy_problems(300, seed=7)  # deterministic under a seed
-    assert [p.question for p in problems] != [p.question for p in data.make_toy_problems(300, seed=8)]
-    assert len({p.question for p in problems}) == 300
-    for p in problems:
-        check_toy(p, 2, 99, "+-")
-        assert 40 <= len(p.question) <= 90 and p.question.isascii() and p.answer.isascii()
-    for steps, max_value, ops in [(1, 20, "+"), (4, 50, "+-"), (3, 99, "+-*"), (2, 9, "-")]:
-        for p in data.make_toy_problems(100, seed=1, steps=steps, max_value=max_value, ops=ops):
-            check_toy(p, steps, max_value, ops)
-    assert any("*" in p.answer for p in data.make_toy_problems(50, seed=1, ops="+-*"))
-    with pytest.raises(ValueError, match="distinct"):
-        data.make_toy_problems(200, seed=0, steps=1, max_value=2, ops="+")  # only 100 such questions
-
-
-def test_toy_solutions_verify():
-    verify = pytest.importorskip("verify")
-    for p in data.make_toy_problems(100, seed=2, steps=3, ops="+-*"):
-        final = p.answer.rsplit("#### ", 1)[1]
-        assert verify.extract_answer(p.answer) == final and verify.is_correct(p.answer, p.answer)
-        assert verify.is_correct(f"blah\n#### {final}", p.answer)
-        assert not verify.is_correct(f"#### {int(final) + 1}", p.answer)
-
-
-def test_toy_splits_are_disjoint():
-    train, test = data.toy_splits(2000, 200, seed=5, steps=3)
-    assert (len(train), len(test)) == (2000, 200)
-    assert not {p.question for p in train} & {p.question for p in test}
-    assert train[0].id == "toy-train-0" and test[199].id == "toy-test-199"
-    assert (train, test) == data.toy_splits(2000, 200, seed=5, steps=3)
-    assert all(len(p.answer.split("\n")) == 4 for p in test)
-    assert data.load_problems("toy:test", n_train=100, n_test=30) == data.toy_splits(100, 30, seed=0)[1]
-
-
-def test_toy_tokenizer(tokenizers):
-    from transformers import AutoTokenizer
-
-    tk, eos_ids = tokenizers["toy"]
-    reference = AutoTokenizer.from_pretrained(DIRS["toy"])
-    texts = [p.question + "\n" + p.answer for p in data.make_toy_problems(50, seed=0, ops="+-*")]
-    texts += ["".join(map(chr, range(32, 127))) + "\n", TOY_PROMPTS.oracle_feedback, TOY_PROMPTS.neutral_feedback, "  two  spaces \n\n"]
-    for text in texts:
-        ids = tk.encode(text)
-        assert len(ids) == len(text)  # one token per character, no BOS
-        assert tk.decode(ids) == text and reference.decode(ids) == text
-        assert reference(text)["input_ids"] == ids
-    toy = data.make_toy_problems(1, seed=0)[0]
-    messages = data.state_messages(toy, ["1+1=2\n#### 2"], TOY_PROMPTS)
-    assert reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
-        tk.apply_chat_template(messages)
-    assert tk.eos_id == eos_ids[0] == tk.tk.token_to_id("</a>") and tk.pad_id != tk.eos_id
-    assert tk.vocab_size == len(data.TOY_SPECIAL_TOKENS) + 96

@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+import data
 import model as M
 
 TOL = 1e-4
@@ -25,7 +26,7 @@ def random_tokens(n, vocab, seed):
 @pytest.mark.parametrize("name", ["llama2_mha", "llama3_gqa", "tied", "mistral_window", "sharded"])
 def test_full_and_cached_logits_match_transformers(tiny_checkpoints, name):
     path = tiny_checkpoints[name]
-    ours, _ = M.load(path, device="cpu")
+    ours = M.load(path, device="cpu")
     ref = hf_model(path)
     T = 40  # > sliding window (8) and > llama3 original context (32)
     tokens = torch.tensor([random_tokens(T, ours.args.vocab_size, 1), random_tokens(T, ours.args.vocab_size, 2)])
@@ -84,10 +85,25 @@ def test_bad_checkpoints_give_one_clear_error(tiny_checkpoints, tmp_path):
     shutil.copytree(tiny_checkpoints["llama2_mha"], path)
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    with pytest.raises(M.CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(M.CheckpointError, match="model.safetensors: truncated or corrupt"):
         M.load(path, device="cpu")
+    with pytest.raises(M.CheckpointError, match="model.safetensors: truncated or corrupt"):
+        M.check_checkpoint(path)  # the same checks, reading no weight
     weights.write_bytes(b"\xff" * 64)
-    with pytest.raises(M.CheckpointError, match="corrupt safetensors header"):
+    with pytest.raises(M.CheckpointError, match="model.safetensors: truncated or corrupt"):
+        M.load(path, device="cpu")
+    # the tokenizer is data.py's: its files are data files
+    (path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(data.DataError, match="tokenizer.json: not a readable tokenizer"):
+        data.Tokenizer(path)
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(data.MissingDataError, match="tokenizer.json: no such file"):
+        data.Tokenizer(path)
+    # a shard the index lists must be there
+    path = tmp_path / "sharded"
+    shutil.copytree(tiny_checkpoints["sharded"], path)
+    next(path.glob("model-00001-of-*.safetensors")).unlink()
+    with pytest.raises(M.CheckpointError, match="shard.*missing.*model-00001-of-"):
         M.load(path, device="cpu")
     # a key the config does not explain is listed by name
     path = tmp_path / "extra"
@@ -102,7 +118,7 @@ def test_bad_checkpoints_give_one_clear_error(tiny_checkpoints, tmp_path):
 
 
 def test_prompt_longer_than_context_is_refused(tiny_checkpoints):
-    model, _ = M.load(tiny_checkpoints["tied"], device="cpu")
+    model = M.load(tiny_checkpoints["tied"], device="cpu")
     with pytest.raises(ValueError, match="longer than the model's context of 256"):
         M.generate(model, [[5] * 300], max_new_tokens=1)
 
@@ -115,7 +131,7 @@ def hf_greedy(ref, prompt, n, eos):
 
 @pytest.mark.parametrize("name", ["llama3_gqa", "mistral_window"])
 def test_greedy_generate_matches_transformers_batched_and_one_by_one(tiny_checkpoints, name):
-    ours, _ = M.load(tiny_checkpoints[name], device="cpu")
+    ours = M.load(tiny_checkpoints[name], device="cpu")
     ref = hf_model(tiny_checkpoints[name])
     prompts = [random_tokens(n, ours.args.vocab_size, 10 + n) for n in (3, 17, 9, 30)]
     eos = list(ours.args.eos_ids)
@@ -126,7 +142,7 @@ def test_greedy_generate_matches_transformers_batched_and_one_by_one(tiny_checkp
 
 
 def test_cached_generation_equals_uncached(tiny_checkpoints):
-    model, _ = M.load(tiny_checkpoints["mistral_window"], device="cpu")
+    model = M.load(tiny_checkpoints["mistral_window"], device="cpu")
     prompt = random_tokens(6, model.args.vocab_size, 3)
     cached = M.generate(model, [prompt], max_new_tokens=25, eos_ids=[])
     seq = list(prompt)
@@ -139,7 +155,7 @@ def test_cached_generation_equals_uncached(tiny_checkpoints):
 def test_multi_turn_continuation_equals_reencoding(tiny_checkpoints):
     """Three turns on ragged rows: appending feedback to each row's cache gives exactly what a fresh
     run over the whole conversation gives, both greedy and sampled (same seed, same random stream)."""
-    model, _ = M.load(tiny_checkpoints["llama3_gqa"], device="cpu")
+    model = M.load(tiny_checkpoints["llama3_gqa"], device="cpu")
     V = model.args.vocab_size
     questions = [random_tokens(n, V, n) for n in (5, 12, 8)]
     feedback = [[random_tokens(n, V, 100 + n) for n in (2, 7, 4)], [random_tokens(n, V, 200 + n) for n in (6, 1, 3)]]
@@ -153,7 +169,7 @@ def test_multi_turn_continuation_equals_reencoding(tiny_checkpoints):
             fresh = M.generate(model, [history[b]], max_new_tokens=12, eos_ids=eos)[0]
             assert attempts[b] == fresh, (turn, b)
             history[b] += attempts[b]
-            assert cache.sequence_length(b) == len(history[b])
+            assert int(cache.lengths[b]) + len(cache.pending[b]) == len(history[b])  # cached + pending
         if turn < 2:
             prompts = feedback[turn]
             history = [h + f for h, f in zip(history, prompts)]
@@ -161,7 +177,7 @@ def test_multi_turn_continuation_equals_reencoding(tiny_checkpoints):
 
 
 def test_sampling_is_reproducible_and_respects_top_p(tiny_checkpoints):
-    model, _ = M.load(tiny_checkpoints["tied"], device="cpu")
+    model = M.load(tiny_checkpoints["tied"], device="cpu")
     prompts = [random_tokens(4, model.args.vocab_size, 1)] * 4
     a = M.generate(model, prompts, max_new_tokens=15, temperature=1.0, seed=123, eos_ids=[])
     b = M.generate(model, prompts, max_new_tokens=15, temperature=1.0, seed=123, eos_ids=[])
@@ -176,7 +192,7 @@ def test_sampling_is_reproducible_and_respects_top_p(tiny_checkpoints):
 
 
 def test_stop_strings_and_eos_stop_each_row(tiny_checkpoints):
-    model, tok = M.load(tiny_checkpoints["tied"], device="cpu")
+    model, tok = M.load(tiny_checkpoints["tied"], device="cpu"), data.Tokenizer(tiny_checkpoints["tied"])
     prompts = [tok.encode("The answer is"), tok.encode("Janet sells 16 - 3")]
     free = M.generate(model, prompts, max_new_tokens=30, eos_ids=[])
     stop = tok.decode(free[0][3:6], skip_special_tokens=False)
@@ -190,7 +206,7 @@ def test_stop_strings_and_eos_stop_each_row(tiny_checkpoints):
 
 def test_cache_reorder_continues_from_the_chosen_row(tiny_checkpoints):
     """Best-of-N: after sampling N candidates, every row continues from the chosen one's history."""
-    model, _ = M.load(tiny_checkpoints["llama2_mha"], device="cpu")
+    model = M.load(tiny_checkpoints["llama2_mha"], device="cpu")
     V = model.args.vocab_size
     q = random_tokens(5, V, 0)
     cache = M.KVCache.for_model(model, 3, 64)
@@ -202,9 +218,10 @@ def test_cache_reorder_continues_from_the_chosen_row(tiny_checkpoints):
 
 
 def test_save_roundtrip_loads_in_both(tiny_checkpoints, tmp_path):
-    model, _ = M.load(tiny_checkpoints["llama3_gqa"], device="cpu")
+    model = M.load(tiny_checkpoints["llama3_gqa"], device="cpu")
     out = M.save(model, tmp_path / "copy", tokenizer_dir=tiny_checkpoints["llama3_gqa"])
-    again, _ = M.load(out, device="cpu")
+    again = M.load(out, device="cpu")
+    assert M.check_checkpoint(out) == again.args == model.args
     tokens = torch.tensor([random_tokens(20, model.args.vocab_size, 0)])
     with torch.no_grad():
         assert torch.equal(again(tokens), model(tokens))
@@ -213,7 +230,7 @@ def test_save_roundtrip_loads_in_both(tiny_checkpoints, tmp_path):
 
 def test_tiny_tokenizer_matches_transformers(tiny_checkpoints):
     path = tiny_checkpoints["llama2_mha"]
-    _, ours = M.load(path, device="cpu")
+    ours = data.Tokenizer(path)
     ref = transformers.AutoTokenizer.from_pretrained(path)
     for text in ["The answer is 42.", "  two  spaces\nnew line", "<|im_start|>user", "é ü 漢字 🙂", ""]:
         assert ours.encode(text) == ref.encode(text)  # BOS added, as tokenizer_config.json says
@@ -234,7 +251,7 @@ def test_compiled_decoding_matches_eager(tiny_checkpoints):
     ragged rows, a cache that grows and a conversation that continues, without a compilation per step."""
     from torch._dynamo.utils import counters
 
-    model, _ = M.load(tiny_checkpoints["llama3_gqa"], device="cpu")
+    model = M.load(tiny_checkpoints["llama3_gqa"], device="cpu")
     V = model.args.vocab_size
     prompts = [random_tokens(n, V, n) for n in (5, 12, 8)]
     feedback = [random_tokens(n, V, 50 + n) for n in (2, 7, 4)]

@@ -1,6 +1,7 @@
 """rise.py: AWR arithmetic against hand-computed values, the loss mask, one AWR step, the metrics on
 hand-written trajectories, and whole tiny runs (checkpoint loads in transformers; --resume)."""
 
+import dataclasses
 import json
 import math
 
@@ -11,7 +12,8 @@ import transformers
 import data
 import model as M
 import rise
-from rise import Candidate, Episode
+import toy
+from data import Candidate, Episode
 
 
 def test_advantages_and_weights_by_hand():
@@ -30,6 +32,11 @@ def test_wilson_interval_by_hand():
     lo, hi = rise.wilson_interval(50, 100)
     assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)
     assert rise.wilson_interval(0, 10)[0] == 0.0 and rise.wilson_interval(10, 10)[1] == 1.0
+
+
+def examples_of(episodes, policy):
+    """The training examples of episodes that rise.weigh has weighted, for this policy."""
+    return data.training_examples(episodes, policy.tokenizer, policy.prompts, policy.model.args.eos_ids)
 
 
 def cand(answer, right):
@@ -58,9 +65,9 @@ def test_metrics_from_hand_written_trajectories():
 @pytest.fixture(scope="module")
 def toy_policy(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy")
-    tok = M.Tokenizer(data.write_toy_tokenizer(path / "tok"))
+    tok = data.Tokenizer(toy.write_tokenizer(path / "tok"))
     torch.manual_seed(0)
-    args = rise.toy_args(rise.ToyRecipe(dim=64, n_layers=2), tok.vocab_size)
+    args = toy.model_args(toy.Recipe(dim=64, n_layers=2), tok.vocab_size)
     args.eos_ids = (tok.eos_id,)
     return rise.Policy(M.Transformer(args).eval(), tok, data.TOY_PROMPTS)
 
@@ -71,7 +78,8 @@ def test_training_examples_mask_exactly_the_candidate(toy_policy):
     turn2 = [Candidate("2+3=5\n#### 5", "5", 1.0), Candidate("2+3=7\n#### 7", "7", 0.0)]
     ep = Episode(p, "oracle", [turn1, turn2], [0, 0])
     cfg = rise.Config(normalize_advantages=False, beta=1.0)
-    examples = rise.training_examples([ep], toy_policy, cfg)
+    rise.weigh([ep], cfg)
+    examples = examples_of([ep], toy_policy)
     tok = toy_policy.tokenizer
     assert [e.turn for e in examples] == [1, 1, 2, 2]
     assert [e.weight for e in examples] == pytest.approx([math.exp(-0.5), math.exp(0.5), math.exp(0.5), math.exp(-0.5)])
@@ -82,9 +90,14 @@ def test_training_examples_mask_exactly_the_candidate(toy_policy):
         context = tok.decode([i for i, m in zip(e.ids, e.mask) if not m], skip_special_tokens=False)
     assert context == f"<u>{p.question}<a>2+3=6\n#### 6</a><u>Wrong.<a>"
     # uniform turns carry no signal and are dropped; the official weighting keeps only the kept attempts
-    flat = Episode(p, "oracle", [[turn1[0], turn1[0]]], [0])
-    assert rise.training_examples([flat], toy_policy, cfg) == []
-    official = rise.training_examples([ep], toy_policy, rise.Config(weighting="official"))
+    assert [c.advantage for c in turn1 + turn2] == [-0.5, 0.5, 0.5, -0.5]  # stored with the trajectories
+    flat = Episode(p, "oracle", [[Candidate("2+3=6\n#### 6", "6", 0.0), Candidate("2+3=6\n#### 6", "6", 0.0)]], [0])
+    rise.weigh([flat], cfg)
+    assert examples_of([flat], toy_policy) == []
+    official = Episode(p, "oracle", [[Candidate(c.text, c.answer, c.reward) for c in turn] for turn in (turn1, turn2)],
+                       [0, 0])
+    rise.weigh([official], rise.Config(weighting="official"))
+    official = examples_of([official], toy_policy)
     assert [e.weight for e in official] == pytest.approx([math.exp(0.0), math.exp(2.5)])  # kept: wrong, right
 
 
@@ -93,7 +106,9 @@ def test_one_awr_step_raises_the_correct_candidate_most(toy_policy):
     policy = rise.Policy(M.Transformer(toy_policy.model.args), toy_policy.tokenizer, data.TOY_PROMPTS)
     p = data.Problem("Bob has 9 pens. He loses 4. How many pens now?", "9-4=5\n#### 5", "t")
     cands = [Candidate("9-4=5\n#### 5", "5", 1.0)] + [Candidate(f"9-4={v}\n#### {v}", str(v), 0.0) for v in (3, 6, 7)]
-    examples = rise.training_examples([Episode(p, "oracle", [cands], [0])], policy, rise.Config(beta=0.5))
+    episode = Episode(p, "oracle", [cands], [0])
+    rise.weigh([episode], rise.Config(beta=0.5))
+    examples = examples_of([episode], policy)
 
     def loglik():
         ids, mask, _ = rise.batch_tensors(examples, policy.tokenizer.pad_id, "cpu")
@@ -123,17 +138,25 @@ def test_tiny_run_writes_a_checkpoint_both_load(tmp_path):
                    for k in ("p1", "m1", "pass", "maj"))
     assert (out / "metrics.png").stat().st_size > 1000
     assert len((out / "iter1" / "trajectories.jsonl").read_text().splitlines()) == 12
-    ours, tok = M.load(out / "iter1" / "policy", device="cpu")
+    # the report of the run: every episode of every stage, and each trained candidate's weight as stored
+    from tests.test_report import Page
+    page = Page((out / "report.html").read_text(encoding="utf-8"))
+    kinds = {f"{name}/{kind}": 10 for name in ("base", "iter1") for kind in ("oracle", "neutral", "parallel")}
+    assert {src: len(eps) for src, eps in page.episodes.items()} == {**kinds, "base/collection": 12}
+    weights = [c["weight"] for ep in data.episodes_from_jsonl((out / "iter1" / "trajectories.jsonl").read_text())
+               for turn in ep.turns for c in map(dataclasses.asdict, turn) if c["weight"] is not None]
+    assert weights and all(repr(w) in page.titles for w in weights)
+    ours, tok = M.load(out / "iter1" / "policy", device="cpu"), data.Tokenizer(out / "iter1" / "policy")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "iter1" / "policy", dtype=torch.float32)
     ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": "Ann has 3 eggs."}]),
                                    add_special_tokens=False)])
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max() <= 1e-4
-    base, _ = M.load(rise.build_toy_base(rise.toy_recipe(rise.Config(toy_pretrain_steps=40))), device="cpu")
+    base = M.load(toy.build_base(toy.recipe(40)), device="cpu")
     assert not torch.equal(base(ids), ours(ids))  # training changed the policy
 
 
-def test_resume_after_interruption_reaches_the_same_result(tmp_path, monkeypatch):
+def test_resume_after_interruption_reaches_the_same_result(tmp_path, monkeypatch, capsys):
     rise.main(tiny_run_args(tmp_path / "straight"))
     real_train = rise.train
 
@@ -145,12 +168,34 @@ def test_resume_after_interruption_reaches_the_same_result(tmp_path, monkeypatch
         rise.main(tiny_run_args(tmp_path / "resumed"))
     state = json.loads((tmp_path / "resumed" / "state.json").read_text())["done"]
     assert state == ["eval:base", "collect:1"] and not (tmp_path / "resumed" / "iter1" / "policy").exists()
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(SystemExit) as exit:
         rise.main(tiny_run_args(tmp_path / "resumed"))
+    assert exit.value.code == 2 and "pass --resume" in capsys.readouterr().err
     monkeypatch.setattr(rise, "train", real_train)
     rise.main(tiny_run_args(tmp_path / "resumed", "--resume"))
     for name in ("metrics.json", "iter1/trajectories.jsonl"):
         assert (tmp_path / "straight" / name).read_text() == (tmp_path / "resumed" / name).read_text()
-    a, _ = M.load(tmp_path / "straight" / "iter1" / "policy", device="cpu")
-    b, _ = M.load(tmp_path / "resumed" / "iter1" / "policy", device="cpu")
+    a = M.load(tmp_path / "straight" / "iter1" / "policy", device="cpu")
+    b = M.load(tmp_path / "resumed" / "iter1" / "policy", device="cpu")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_rise_distill_the_teacher_writes_turns_2_to_T(toy_policy):
+    """A teacher whose every token ends its turn writes empty attempts: they must fill exactly turns 2..T."""
+    torch.manual_seed(1)
+    student = rise.Policy(M.Transformer(toy_policy.model.args).eval(), toy_policy.tokenizer, data.TOY_PROMPTS)
+    for p in student.model.parameters():  # weights large enough that it writes text, not only special tokens
+        torch.nn.init.normal_(p, std=0.1)
+    args = dataclasses.replace(student.model.args, eos_ids=tuple(range(student.model.args.vocab_size)))
+    teacher = rise.Policy(M.Transformer(args).eval(), student.tokenizer, data.TOY_PROMPTS)
+    teacher.model.load_state_dict(student.model.state_dict())
+    problems = toy.make_problems(6, seed=1)
+    cfg = rise.Config(max_new_tokens=12, temperature=1.0, device="cpu")
+    kwargs = dict(turns=3, samples=2, feedback="neutral", seed=0)
+    distilled = rise.rollout(student, problems, cfg, teacher=teacher, **kwargs)
+    alone = rise.rollout(student, problems, cfg, **kwargs)
+    texts = lambda episodes, t: [c.text for ep in episodes for c in ep.turns[t]]  # noqa: E731
+    assert all(len(ep.turns) == 3 for ep in distilled)
+    assert texts(distilled, 0) == texts(alone, 0) and any(texts(alone, 0))  # turn 1: the policy's own
+    for t in (1, 2):
+        assert set(texts(distilled, t)) == {""} and any(texts(alone, t))  # later turns: the teacher's

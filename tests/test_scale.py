@@ -12,10 +12,13 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+import bench
 import data
 import model as M
 import rise
-from rise import Candidate, Episode
+import toy
+from data import Candidate, Episode
+from tests.test_rise import examples_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,14 +29,15 @@ def load_toy_policy(path: Path, cfg: rise.Config | None = None, training: bool =
     return rise.load_policy(path, cfg or rise.Config(device="cpu"), data.TOY_PROMPTS, training=training)
 
 
-def awr_batch(policy: rise.Policy) -> list[rise.Example]:
+def awr_batch(policy: rise.Policy) -> list[data.Example]:
     """Two problems x three candidates (one right), of different lengths: 6 examples, AWR-weighted."""
     episodes = []
     for a, b in ((9, 4), (23, 17)):
         p = data.Problem(f"Bob has {a} pens. He loses {b}. How many pens now?", f"{a}-{b}={a - b}\n#### {a - b}", "t")
         cands = [Candidate(f"{a}-{b}={v}\n#### {v}", str(v), float(v == a - b)) for v in (a - b, a - b + 1, 100 + a)]
         episodes.append(Episode(p, "oracle", [cands], [0]))
-    return rise.training_examples(episodes, policy, rise.Config(beta=0.5))
+    rise.weigh(episodes, rise.Config(beta=0.5))
+    return examples_of(episodes, policy)
 
 
 def awr_config(fsdp: bool = False, device: str | None = "cpu") -> rise.Config:
@@ -44,7 +48,7 @@ def awr_config(fsdp: bool = False, device: str | None = "cpu") -> rise.Config:
 
 
 def rollout_problems() -> list[data.Problem]:
-    return data.make_toy_problems(7, seed=3, max_value=30)
+    return toy.make_problems(7, seed=3, max_value=30)
 
 
 def rollout_config() -> rise.Config:
@@ -57,9 +61,9 @@ def rollout_config() -> rise.Config:
 def toy_checkpoint(tmp_path_factory) -> Path:
     """A tiny random toy-architecture checkpoint on disk, so separate processes load the same weights."""
     root = tmp_path_factory.mktemp("scale")
-    tok = M.Tokenizer(data.write_toy_tokenizer(root / "tok"))
+    tok = data.Tokenizer(toy.write_tokenizer(root / "tok"))
     torch.manual_seed(0)
-    args = rise.toy_args(rise.ToyRecipe(dim=64, n_layers=2), tok.vocab_size)
+    args = toy.model_args(toy.Recipe(dim=64, n_layers=2), tok.vocab_size)
     args.bos_id, args.eos_ids = tok.bos_id, (tok.eos_id,)
     model = M.Transformer(args)
     for p in model.parameters():
@@ -114,20 +118,20 @@ def test_rollouts_of_two_ranks_are_the_union_of_their_shards(toy_checkpoint, tmp
     assert [len(p) for p in per_rank] == [4, 3]
     assert [e.problem.id for e in per_rank[0]] == [p.id for p in problems[0::2]]
     union = [per_rank[i % 2][i // 2] for i in range(len(problems))]  # back in problem order
-    assert together == [rise.episode_record(ep) for ep in union]
+    assert together == [data.episode_record(ep) for ep in union]
     assert [r["id"] for r in together] == [p.id for p in problems]
 
 
 # --- LoRA ------------------------------------------------------------------------------------------
 
 def test_lora_before_and_after_merging_gives_the_same_logits(tiny_checkpoints):
-    model, _ = M.load(tiny_checkpoints["llama3_gqa"], device="cpu")
+    model = M.load(tiny_checkpoints["llama3_gqa"], device="cpu")
     keys = set(model.state_dict())
     ids = torch.randint(5, model.args.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = model(ids)
         trainable = M.add_lora(model, rank=4, alpha=8.0)
-        assert trainable == rise.lora_parameter_count(model.args, 4)  # the memory estimate counts the same
+        assert trainable == bench.lora_parameter_count(model.args, 4)  # the memory estimate counts the same
         assert torch.equal(model(ids), plain)  # B starts at zero: adapters change nothing yet
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
@@ -154,9 +158,9 @@ def test_lora_trains_only_adapters_and_the_merged_checkpoint_loads_in_transforme
     rise.save_policy(policy.model, out, toy_checkpoint, cfg)
     adapters = load_file(tmp_path / "iter1" / "adapter.safetensors")
     assert len(adapters) == 2 * 7 * policy.model.args.n_layers and all(".lora_" in k for k in adapters)
-    ours, tok = M.load(out, device="cpu")
+    ours, tok = M.load(out, device="cpu"), data.Tokenizer(out)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    base_model, _ = M.load(toy_checkpoint, device="cpu")
+    base_model = M.load(toy_checkpoint, device="cpu")
     ids = torch.tensor([tok.encode("<u>Ann has 3 eggs. She gets 4 more. How many eggs now?<a>")])
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max() <= 1e-4
@@ -173,29 +177,29 @@ MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", 
 
 
 def test_parameter_count_matches_the_model():
-    args = rise.toy_args(rise.ToyRecipe(dim=64, n_layers=3), 50)
-    assert rise.parameter_count(args) == sum(p.numel() for p in M.Transformer(args).parameters())
+    args = toy.model_args(toy.Recipe(dim=64, n_layers=3), 50)
+    assert bench.parameter_count(args) == sum(p.numel() for p in M.Transformer(args).parameters())
     mistral = M.ModelArgs.from_config(MISTRAL_7B)
-    assert rise.parameter_count(mistral) == 7_241_732_096  # Mistral-7B's published count
+    assert bench.parameter_count(mistral) == 7_241_732_096  # Mistral-7B's published count
 
 
 def test_memory_estimate_refuses_what_does_not_fit_and_names_flags(tmp_path, monkeypatch, capsys):
     (tmp_path / "config.json").write_text(json.dumps(MISTRAL_7B))  # a config is all an estimate needs
-    monkeypatch.setattr(rise, "device_memory_gib", lambda device: 80.0)  # one 80 GB GPU
+    monkeypatch.setattr(bench, "device_memory_gib", lambda device: 80.0)  # one 80 GB GPU
     full = rise.Config(device="cuda", max_new_tokens=400)
     with pytest.raises(SystemExit, match="needs about .* GiB per device but the cuda device has 80 GiB. "
                                          "To fit, add --lora-rank 16 --grad-checkpoint"):
-        rise.check_memory(tmp_path, full)
+        bench.check_memory(tmp_path, full)
     lora = rise.Config(device="cuda", max_new_tokens=400, lora_rank=16, grad_checkpoint=True)
-    estimate = rise.check_memory(tmp_path, lora)
-    assert rise.peak_gib(estimate) <= 0.92 * 80
+    estimate = bench.check_memory(tmp_path, lora)
+    assert bench.peak_gib(estimate) <= 0.92 * 80
     assert estimate["training"]["frozen weights"] == pytest.approx(7.24e9 * 2 / 2 ** 30, rel=1e-2)  # bf16
     printed = capsys.readouterr()
     assert "memory estimate per cuda device (7.24B parameters" in printed.out + printed.err
     # full fine-tuning over 8 GPUs with FSDP shards weights, gradients and AdamW state 8 ways
     args = M.ModelArgs.from_config(MISTRAL_7B)
-    sharded = rise.memory_estimate(args, rise.Config(fsdp=True, grad_checkpoint=True, max_new_tokens=400), "cuda", 8)
-    replicated = rise.memory_estimate(args, rise.Config(grad_checkpoint=True, max_new_tokens=400), "cuda", 8)
+    sharded = bench.memory_estimate(args, rise.Config(fsdp=True, grad_checkpoint=True, max_new_tokens=400), "cuda", 8)
+    replicated = bench.memory_estimate(args, rise.Config(grad_checkpoint=True, max_new_tokens=400), "cuda", 8)
     assert sum(sharded["training"].values()) < 0.92 * 80 < sum(replicated["training"].values())
 
 
@@ -207,8 +211,8 @@ def test_a_whole_tiny_lora_run_saves_adapters_and_a_merged_policy(tmp_path):
     adapters = load_file(it / "adapter.safetensors")
     assert adapters and all(".lora_" in k for k in adapters)
     assert any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_B"))  # trained
-    policy, _ = M.load(it / "policy", device="cpu")
-    base, _ = M.load(rise.build_toy_base(rise.toy_recipe(rise.Config(toy_pretrain_steps=40))), device="cpu")
+    policy = M.load(it / "policy", device="cpu")
+    base = M.load(toy.build_base(toy.recipe(40)), device="cpu")
     merged, original = policy.state_dict(), base.state_dict()
     assert set(merged) == set(original)  # merged: a plain checkpoint with the base's keys
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+import data
 import model as M
 
 TEXTS = ["12345 apples cost $3.50, i.e. 1,234 cents.", "héllo wörld 日本語 🙂", "  spaces  \n\n tabs\t\t",
@@ -15,7 +16,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def ours(smollm2_dir):
-    return M.load(smollm2_dir, device="cpu")
+    return M.load(smollm2_dir, device="cpu"), data.Tokenizer(smollm2_dir)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,92 @@
+"""toy.py: the CPU toy's task generator, its character-level tokenizer (against transformers) and its
+held-out split."""
+
+import re
+
+import pytest
+
+import data
+import rise
+import toy
+from data import Problem
+
+# --------------------------------------------------------------------------------------------
+# The toy task and its tokenizer
+# --------------------------------------------------------------------------------------------
+
+STEP = re.compile(r"^(\d+)([-+*])(\d+)=(\d+)$")
+
+
+def check_toy(problem: Problem, steps: int, max_value: int, ops: str):
+    *lines, final = problem.answer.split("\n")
+    assert len(lines) == steps and final.startswith("#### ")
+    value = int(problem.question.split(" has ")[1].split()[0])
+    numbers = [int(n) for n in re.findall(r"\d+", problem.question)]
+    assert numbers[0] == value and all(0 <= n <= max_value for n in numbers)
+    for line, operand in zip(lines, numbers[1:]):
+        a, op, b, c = STEP.match(line).groups()
+        assert int(a) == value and int(b) == operand and op in ops  # the steps follow the question
+        value = {"+": value + int(b), "-": value - int(b), "*": value * int(b)}[op]
+        assert int(c) == value and 0 <= value <= max_value  # the arithmetic is right, never negative
+    assert final == f"#### {value}"
+
+
+def test_toy_problems():
+    problems = toy.make_problems(300, seed=7)
+    assert problems == toy.make_problems(300, seed=7)  # deterministic under a seed
+    assert [p.question for p in problems] != [p.question for p in toy.make_problems(300, seed=8)]
+    assert len({p.question for p in problems}) == 300
+    for p in problems:
+        check_toy(p, 2, 99, "+-")
+        assert 40 <= len(p.question) <= 90 and p.question.isascii() and p.answer.isascii()
+    for steps, max_value, ops in [(1, 20, "+"), (4, 50, "+-"), (3, 99, "+-*"), (2, 9, "-")]:
+        for p in toy.make_problems(100, seed=1, steps=steps, max_value=max_value, ops=ops):
+            check_toy(p, steps, max_value, ops)
+    assert any("*" in p.answer for p in toy.make_problems(50, seed=1, ops="+-*"))
+    with pytest.raises(ValueError, match="distinct"):
+        toy.make_problems(200, seed=0, steps=1, max_value=2, ops="+")  # only 100 such questions
+
+
+def test_toy_solutions_verify():
+    verify = pytest.importorskip("verify")
+    for p in toy.make_problems(100, seed=2, steps=3, ops="+-*"):
+        final = p.answer.rsplit("#### ", 1)[1]
+        assert verify.extract_answer(p.answer) == final and verify.is_correct(p.answer, p.answer)
+        assert verify.is_correct(f"blah\n#### {final}", p.answer)
+        assert not verify.is_correct(f"#### {int(final) + 1}", p.answer)
+
+
+def test_toy_splits_are_disjoint():
+    split = toy.splits(2000, 200, seed=5, n_dev=100, steps=3)
+    train, test, dev = split["train"], split["test"], split["dev"]
+    assert (len(train), len(test)) == (2000, 200)
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert len(dev) == 100 and not {p.question for p in dev} & {p.question for p in train + test}
+    assert dev[0].id == "toy-dev-0" and toy.splits(2000, 200, seed=5, steps=3)["test"] == test  # dev changes nothing
+    assert train[0].id == "toy-train-0" and test[199].id == "toy-test-199"
+    assert split == toy.splits(2000, 200, seed=5, n_dev=100, steps=3)
+    assert all(len(p.answer.split("\n")) == 4 for p in test)
+    # rise.py's "toy:test" is the held-out split the toy base was built with
+    assert rise.load_problems("toy:test", None, rise.Config()) == toy.splits(20_000, 500, seed=0, max_value=30)["test"]
+    assert rise.load_problems("toy:dev", 50, rise.Config()) == toy.splits(20_000, 500, 0, 500, max_value=30)["dev"][:50]
+
+
+def test_toy_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    tk = data.Tokenizer(toy.write_tokenizer(tmp_path))
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    texts = [p.question + "\n" + p.answer for p in toy.make_problems(50, seed=0, ops="+-*")]
+    texts += ["".join(map(chr, range(32, 127))) + "\n", data.TOY_PROMPTS.oracle_feedback, data.TOY_PROMPTS.neutral_feedback,
+              "  two  spaces \n\n"]
+    for text in texts:
+        ids = tk.encode(text)
+        assert len(ids) == len(text)  # one token per character, no BOS
+        assert tk.decode(ids) == text and reference.decode(ids) == text
+        assert reference(text)["input_ids"] == ids
+    problem = toy.make_problems(1, seed=0)[0]
+    messages = data.state_messages(problem, ["1+1=2\n#### 2"], data.TOY_PROMPTS)
+    assert reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        tk.apply_chat_template(messages)
+    assert tk.eos_id == tk.tk.token_to_id("</a>") and tk.pad_id != tk.eos_id
+    assert tk.vocab_size == len(toy.SPECIAL_TOKENS) + 96
