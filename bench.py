@@ -457,7 +457,7 @@ def main():
     if "--estimate-memory" in sys.argv[1:]:  # the other flags are rise.py's, for the run being planned
         import rise
 
-        cfg, _ = rise.parse_args([a for a in sys.argv[1:] if a != "--estimate-memory"])
+        cfg, _, _ = rise.parse_args([a for a in sys.argv[1:] if a != "--estimate-memory"])
         check_memory(rise.base_checkpoint(cfg), cfg, refuse=False)
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -220,3 +220,14 @@ def test_a_whole_tiny_lora_run_saves_adapters_and_a_merged_policy(tmp_path):
     assert torch.equal(merged["model.norm.weight"], original["model.norm.weight"])  # and nothing else moved
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lora_rank"] == 4
     assert set(json.loads((tmp_path / "run" / "metrics.json").read_text())) == {"base", "iter1"}
+
+
+def test_bench_estimate_memory_plans_a_7b_run_from_its_config_alone(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(MISTRAL_7B))
+    flags = ["--model", str(tmp_path), "--device", "cuda", "--max-new-tokens", "512", "--lora-rank", "16",
+             "--grad-checkpoint"]
+    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--estimate-memory", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "memory estimate per cuda device (7.24B parameters" in done.stdout
+    assert "rollouts: 38.0 GiB" in done.stdout and "training: 22.8 GiB" in done.stdout  # README's table
