@@ -12,11 +12,12 @@ Read top to bottom, the method (paper sections in brackets):
                      candidates are sampled per turn; the episode continues from the best one (RISE-Self,
                      best-of-N self-improvement [§4]) or from a teacher's (RISE-Distill [§4]); with an
                      oracle it stops at the first correct answer. KV caches are reused across turns.
+                     (--first-samples 1, the official recipe: one sample at turn 1, best-of-N after it.)
   advantages         a candidate's reward minus the mean reward of the N candidates of its turn [§3]
   awr_weights        exp(advantage / beta), clipped (advantage-weighted regression [§3]); weigh() stores
                      each candidate's advantage and weight with the trajectories
-  training_examples  every (state, candidate) pair with a weight: the state is context, only the
-                     candidate is trained
+  data.training_examples  every (state, candidate) pair with a weight: the state is context, only
+                     the candidate is trained
   awr_loss / train   the weighted negative log-likelihood of each response, normalised by its tokens;
                      AdamW with warmup, gradient clipping and accumulation (DDP/FSDP under torchrun)
   evaluate           p1@t (oracle), m1@t (majority over turns, no oracle) against the parallel
@@ -38,8 +39,8 @@ import json
 import math
 import operator
 import os
-import sys
 import random
+import sys
 import time
 import typing
 from collections import Counter
@@ -76,6 +77,7 @@ class Config:
     eval_problems: int | None = opt(None, "use only the first K evaluation problems (none: all)", min=1)
     turns: int = opt(5, "T: attempts per episode", min=1)
     samples: int = opt(4, "N: candidates sampled per turn when collecting (best-of-N)", min=1)
+    first_samples: int | None = opt(None, "candidates at turn 1 when collecting (none: N; official: 1)", min=1)
     iterations: int = opt(1, "collect -> train -> evaluate rounds (the paper's Iteration 1, 2)", min=0, resume=True)
     feedback: str = opt("oracle", "collection feedback (see data.state_messages); mixed: half the problems each",
                         choices=["oracle", "neutral", "mixed"])
@@ -176,16 +178,18 @@ def score(problem: data.Problem, text: str) -> data.Candidate:
 
 
 def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns: int, samples: int,
-            feedback: str, teacher: Policy | None = None, seed: int = 0, progress=None) -> list[data.Episode]:
+            feedback: str, teacher: Policy | None = None, seed: int = 0, progress=None, first_samples: int | None = None
+            ) -> list[data.Episode]:
     """Episodes for `problems`, sampled together: len(problems) * samples rows in one KV cache.
 
     At each turn every live episode gets `samples` candidates from its current state; it keeps the
     first best one (official code: first argmax of reward), and all rows of that episode continue from
     it (the cache rows are copied). With feedback="oracle" an episode ends at its first correct
     answer. The cache of each row is reused from turn to turn: only the feedback is encoded. With a
-    teacher (RISE-Distill), the policy writes turn 1 and the teacher every later turn.
+    teacher (RISE-Distill), the policy writes turn 1 and the teacher every later turn. `first_samples`
+    candidates at turn 1 (default: `samples`): best-of-N there ends most episodes before turn 2.
     """
-    N = samples
+    N = first_samples or samples
     episodes = [data.Episode(p, feedback) for p in problems]
     live = list(range(len(problems)))  # episodes still running; row r belongs to episode live[r // N]
     writer, cache, generator, sampled = None, None, None, []
@@ -225,8 +229,8 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns:
                 continue  # the oracle stops a solved episode
             still_live.append(i)
             sampled.append(rows[best])
-            keep_rows += [k * N + best] * N
-        live = still_live
+            keep_rows += [k * N + best] * samples
+        live, N = still_live, samples
         if live and turns > t + 1:
             cache.reorder(keep_rows)  # drop finished episodes; every row continues from the kept attempt
         if progress is not None:
@@ -235,8 +239,8 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns:
 
 
 def rollout_all(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns: int, samples: int,
-                feedback: str, teacher: Policy | None = None, seed: int = 0, desc: str = "rollout"
-                ) -> list[data.Episode]:
+                feedback: str, teacher: Policy | None = None, seed: int = 0, desc: str = "rollout",
+                first_samples: int | None = None) -> list[data.Episode]:
     """rollout() over all problems, in batches of about cfg.rows_per_batch rows, with a progress bar.
     Under torchrun each rank rolls out every world_size-th problem with its own seed; every rank gets
     all episodes back."""
@@ -248,7 +252,8 @@ def rollout_all(policy: Policy, problems: list[data.Problem], cfg: Config, *, tu
               disable=not is_main()) as bar:
         for start in range(0, len(mine), per_batch):
             episodes += rollout(policy, mine[start:start + per_batch], cfg, turns=turns, samples=samples,
-                                feedback=feedback, teacher=teacher, seed=seed + start, progress=bar)
+                                feedback=feedback, teacher=teacher, seed=seed + start, progress=bar,
+                                first_samples=first_samples)
         bar.total = bar.n
         bar.refresh()
     return gather_episodes(episodes)
@@ -692,7 +697,7 @@ def run(cfg: Config, resume: bool = False, given: set[str] = frozenset()) -> dic
             for feedback, problems in plan:
                 episodes += rollout_all(policy, problems, cfg, turns=cfg.turns, samples=cfg.samples,
                                         feedback=feedback, teacher=teacher, seed=cfg.seed + 100 * k,
-                                        desc=f"iter {k}: collect ({feedback})")
+                                        desc=f"iter {k}: collect ({feedback})", first_samples=cfg.first_samples)
             del policy
             weigh(episodes, cfg)
             if is_main():

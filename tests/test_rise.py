@@ -199,3 +199,20 @@ def test_rise_distill_the_teacher_writes_turns_2_to_T(toy_policy):
     assert texts(distilled, 0) == texts(alone, 0) and any(texts(alone, 0))  # turn 1: the policy's own
     for t in (1, 2):
         assert set(texts(distilled, t)) == {""} and any(texts(alone, t))  # later turns: the teacher's
+
+
+def test_one_sample_at_turn_1_then_best_of_n_continues_from_it(toy_policy):
+    """--first-samples 1 (the official recipe): one row per episode at turn 1, N rows after it, each a
+    copy of that row's cache; greedy, the N copies write what a 1-row rollout writes."""
+    torch.manual_seed(2)
+    policy = rise.Policy(M.Transformer(toy_policy.model.args).eval(), toy_policy.tokenizer, data.TOY_PROMPTS)
+    for p in policy.model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    problems = toy.make_problems(4, seed=2)
+    cfg = rise.Config(max_new_tokens=10, temperature=0.0, device="cpu")
+    wide = rise.rollout(policy, problems, cfg, turns=3, samples=3, first_samples=1, feedback="neutral")
+    narrow = rise.rollout(policy, problems, cfg, turns=3, samples=1, feedback="neutral")
+    assert all([len(turn) for turn in ep.turns] == [1, 3, 3] for ep in wide)
+    for w, n in zip(wide, narrow):
+        assert [[c.text for c in turn] for turn in w.turns] == [[c.text for c in turn] * len(wt)
+                                                                 for turn, wt in zip(n.turns, w.turns)]
