@@ -423,7 +423,7 @@ def device_memory_gib(device: torch.device) -> float:
 
 
 def check_memory(base_path: Path, cfg: rise.Config, refuse: bool = True) -> dict:
-    """Print what the run will need; refuse, naming flags that would fit, when the device has less.
+    """Print what the run will need and, when the device has less, the flags that would fit (refuse: raise).
     The device is cfg.device (default: cuda if there is one); for an estimate alone (refuse=False)
     it need not exist here, so `python bench.py --estimate-memory --device cuda` plans a GPU run on a laptop."""
     import model as M
@@ -438,7 +438,7 @@ def check_memory(base_path: Path, cfg: rise.Config, refuse: bool = True) -> dict
         have = f", {available:.0f} GiB available" if available is not None else ""
         print(f"memory estimate per {device.type} device ({parameter_count(args) / 1e9:.2f}B parameters"
                    f"{have}; {world} process{'es' if world > 1 else ''}{', FSDP' if cfg.fsdp else ''}):\n{format_estimate(estimate)}")
-    if refuse and peak_gib(estimate) > 0.92 * available:
+    if available is not None and peak_gib(estimate) > 0.92 * available:
         options = [("--grad-checkpoint", dict(grad_checkpoint=True)), ("--micro-batch 1", dict(micro_batch=1)),
                    ("--lora-rank 16 --grad-checkpoint", dict(lora_rank=16, grad_checkpoint=True)),
                    ("--lora-rank 16 --grad-checkpoint --micro-batch 1 --rows-per-batch 16",
@@ -448,8 +448,11 @@ def check_memory(base_path: Path, cfg: rise.Config, refuse: bool = True) -> dict
                 <= 0.92 * available]
         hint = f"add {fits[0]}" if fits else "shard the model over several GPUs: torchrun --nproc_per_node=8 " \
                                             "rise.py --fsdp ..."
-        raise SystemExit(f"error: this run needs about {peak_gib(estimate):.0f} GiB per device but the {device.type} "
-                         f"device has {available:.0f} GiB. To fit, {hint}.")
+        message = (f"error: this run needs about {peak_gib(estimate):.0f} GiB per device but the {device.type} "
+                   f"device has {available:.0f} GiB. To fit, {hint}.")
+        if refuse:
+            raise SystemExit(message)
+        print(message.removeprefix("error: "))  # an estimate alone says what would fit, and refuses nothing
     return estimate
 
 
