@@ -189,6 +189,9 @@ def test_sampling_is_reproducible_and_respects_top_p(tiny_checkpoints):
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     kept = {int(M.sample(logits, 1.0, 0.7, torch.Generator().manual_seed(s))) for s in range(200)}
     assert kept == {2, 3}  # p = .64, .24: the top two reach 0.7
+    # one uniform number per row through the cumulative distribution: the softmax's frequencies
+    draws = M.sample(logits.repeat(40_000, 1), 1.0, 1.0, torch.Generator().manual_seed(0))
+    assert (torch.bincount(draws, minlength=4) / 40_000 - torch.softmax(logits[0], -1)).abs().max() < 0.01
 
 
 def test_stop_strings_and_eos_stop_each_row(tiny_checkpoints):
