@@ -391,7 +391,8 @@ def memory_estimate(args: M.ModelArgs, cfg: rise.Config, device_type: str, world
                     "gradients": P * master / shard / GiB, "AdamW moments (fp32)": P * 8 / shard / GiB}
     import rise
 
-    act_bytes = 2 if (low or rise.use_amp(cfg, torch.device(device_type))) else 4
+    amp = cfg.amp if cfg.amp is not None else device_type == "cuda" or rise.fast_bf16(cfg)  # as rise.train decides
+    act_bytes = 2 if (low or amp) else 4
     per_token_layer = (6 * args.dim + 4 * args.hidden_dim) * act_bytes  # what one layer keeps for backward
     tokens = cfg.micro_batch * seq
     if cfg.grad_checkpoint:  # keep each layer's input; recompute one layer at a time

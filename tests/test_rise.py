@@ -216,3 +216,19 @@ def test_one_sample_at_turn_1_then_best_of_n_continues_from_it(toy_policy):
     for w, n in zip(wide, narrow):
         assert [[c.text for c in turn] for turn in w.turns] == [[c.text for c in turn] * len(wt)
                                                                  for turn, wt in zip(n.turns, w.turns)]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_rollouts_in_bfloat16_where_it_is_fast_training_keeps_float32_master_weights(tiny_checkpoints, fast,
+                                                                                     monkeypatch, tmp_path):
+    monkeypatch.setattr(rise, "fast_bf16", lambda cfg: fast)  # as on a CPU with (or without) bf16 matrix units
+    path, cfg = tiny_checkpoints["tied"], rise.Config(device="cpu")
+    dtype = lambda policy: policy.model.model.embed_tokens.weight.dtype  # noqa: E731
+    assert dtype(rise.load_policy(path, cfg, data.GSM8K_PROMPTS)) == (torch.bfloat16 if fast else torch.float32)
+    assert dtype(rise.load_policy(path, cfg, data.GSM8K_PROMPTS, training=True)) == torch.float32
+    forced = dataclasses.replace(cfg, dtype="float32")  # --dtype decides where given
+    assert dtype(rise.load_policy(path, forced, data.GSM8K_PROMPTS)) == torch.float32
+    policy = rise.load_policy(path, cfg, data.GSM8K_PROMPTS, training=True)
+    rise.save_policy(policy.model, tmp_path / "policy", path, cfg)  # saved in the rollout precision
+    assert json.loads((tmp_path / "policy" / "config.json").read_text())["torch_dtype"] == \
+        ("bfloat16" if fast else "float32")

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # --- shared with tests/dist_worker.py, which runs the same things under torchrun ---------------
 
 def load_toy_policy(path: Path, cfg: rise.Config | None = None, training: bool = False) -> rise.Policy:
-    return rise.load_policy(path, cfg or rise.Config(device="cpu"), data.TOY_PROMPTS, training=training)
+    # float32 (not the bf16 rise picks on bf16-capable CPUs): ranks and one process must agree to rounding
+    return rise.load_policy(path, cfg or rise.Config(device="cpu", dtype="float32"), data.TOY_PROMPTS, training=training)
 
 
 def awr_batch(policy: rise.Policy) -> list[data.Example]:

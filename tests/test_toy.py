@@ -8,6 +8,7 @@ import pytest
 import data
 import rise
 import toy
+import verify
 from data import Problem
 
 # --------------------------------------------------------------------------------------------
@@ -90,3 +91,14 @@ def test_toy_tokenizer(tmp_path):
         tk.apply_chat_template(messages)
     assert tk.eos_id == tk.tk.token_to_id("</a>") and tk.pad_id != tk.eos_id
     assert tk.vocab_size == len(toy.SPECIAL_TOKENS) + 96
+
+
+def test_write_problems_gives_disjoint_jsonl_splits_that_rise_reads(tmp_path):
+    folder = toy.write_problems(tmp_path, {"train": 30, "dev": 10, "test": 20}, steps=1, max_value=20)
+    sets = {name: data.load_problems(str(folder / f"{name}.jsonl")) for name in ("train", "dev", "test")}
+    assert {name: len(problems) for name, problems in sets.items()} == {"train": 30, "dev": 10, "test": 20}
+    questions = [{p.question for p in problems} for problems in sets.values()]
+    assert sum(map(len, questions)) == len(set.union(*questions))  # no question in two splits
+    for p in sets["test"]:  # one step, every number within the bound, and the reference scores as right
+        assert p.answer.count("\n") == 1 and all(0 <= int(n) <= 20 for n in re.findall(r"\d+", p.answer))
+        assert verify.reward(p.answer, p.answer) == 1.0
