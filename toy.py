@@ -143,11 +143,12 @@ def write_tokenizer(path: str | Path) -> Path:
 # rise.py's defaults for the toy (`python rise.py` with no arguments); any flag still overrides them.
 # Chosen on the development split (toy:dev, README's variants tables): one sample at turn 1 and best-of-4
 # after it, so that training sees the model's typical mistakes and their corrections, not only the few
-# problems all of four first samples miss; the oracle's feedback; two iterations of two epochs; lr 3e-5,
-# far below pre-training's 2e-3, so turn 1 does not collapse.
+# problems all of four first samples miss; the oracle's feedback; three iterations of two epochs; AWR at
+# beta 0.25, so the wrong candidates (most of them repeats of the wrong answer) get almost no weight; lr 1e-4,
+# still far below pre-training's 2e-3, so turn 1 does not collapse.
 PRESET = dict(train_data="toy:train", eval_data="toy:test", train_problems=2000, eval_problems=500,
-              samples=4, first_samples=1, iterations=2, feedback="oracle", max_new_tokens=40, lr=3e-5, epochs=2,
-              batch_size=64, micro_batch=32, rows_per_batch=512, amp=False, dtype="float32", out="runs/toy")
+              samples=4, first_samples=1, iterations=3, feedback="oracle", max_new_tokens=40, beta=0.25, lr=1e-4,
+              epochs=2, batch_size=64, micro_batch=32, rows_per_batch=512, amp=False, dtype="float32", out="runs/toy")
 
 
 # --------------------------------------------------------------------------------------------
