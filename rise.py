@@ -10,8 +10,9 @@ Read top to bottom, the method (paper sections in brackets):
   rollout            one question becomes a T-turn episode [§2]: at turn t the model reads the question
                      and its earlier attempts, each followed by feedback, and writes a new attempt. N
                      candidates are sampled per turn; the episode continues from the best one (RISE-Self,
-                     best-of-N self-improvement [§4]) or from a teacher's (RISE-Distill [§4]); with an
-                     oracle it stops at the first correct answer. KV caches are reused across turns.
+                     best-of-N self-improvement [§4]; --keep first: from an ordinary sample) or from a
+                     teacher's (RISE-Distill [§4]); with an oracle it stops at the first correct answer.
+                     KV caches are reused across turns.
                      (--first-samples 1, the official recipe: one sample at turn 1, best-of-N after it.)
   advantages         a candidate's reward minus the mean reward of the N candidates of its turn [§3]
   awr_weights        exp(advantage / beta), clipped (advantage-weighted regression [§3]); weigh() stores
@@ -78,6 +79,8 @@ class Config:
     turns: int = opt(5, "T: attempts per episode", min=1)
     samples: int = opt(4, "N: candidates sampled per turn when collecting (best-of-N)", min=1)
     first_samples: int | None = opt(None, "candidates at turn 1 when collecting (none: N; official: 1)", min=1)
+    keep: str = opt("best", "the candidate an episode goes on from: the best (official) or the first, an ordinary "
+                    "sample, so later turns come as often as in evaluation", choices=["best", "first"])
     iterations: int = opt(1, "collect -> train -> evaluate rounds (the paper's Iteration 1, 2)", min=0, resume=True)
     feedback: str = opt("oracle", "collection feedback (see data.state_messages); mixed: half the problems each",
                         choices=["oracle", "neutral", "mixed"])
@@ -185,11 +188,13 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns:
     """Episodes for `problems`, sampled together: len(problems) * samples rows in one KV cache.
 
     At each turn every live episode gets `samples` candidates from its current state; it keeps the
-    first best one (official code: first argmax of reward), and all rows of that episode continue from
-    it (the cache rows are copied). With feedback="oracle" an episode ends at its first correct
-    answer. The cache of each row is reused from turn to turn: only the feedback is encoded. With a
-    teacher (RISE-Distill), the policy writes turn 1 and the teacher every later turn. `first_samples`
-    candidates at turn 1 (default: `samples`): best-of-N there ends most episodes before turn 2.
+    first best one (official code: first argmax of reward) or, with cfg.keep "first", the first one, and
+    all rows of that episode continue from it (the cache rows are copied). With feedback="oracle" an
+    episode ends at its first correct answer. The cache of each row is reused from turn to turn: only
+    the feedback is encoded. With a teacher (RISE-Distill), the policy writes turn 1 and the teacher
+    every later turn. `first_samples` candidates at turn 1 (default: `samples`): best-of-N there ends
+    most episodes before turn 2. Keeping the first (an ordinary sample) visits later turns as often
+    as evaluation does; keeping the best makes them rare.
     """
     N = first_samples or samples
     episodes = [data.Episode(p, feedback) for p in problems]
@@ -224,14 +229,15 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns:
             rows = outs[k * N:(k + 1) * N]
             candidates = [score(episodes[i].problem, data.attempt_text(tok, ids, current.model.args.eos_ids))
                           for ids in rows]
-            best = max(range(N), key=lambda j: (candidates[j].reward, -j))  # first argmax
+            first_best = max(range(N), key=lambda j: (candidates[j].reward, -j))  # official: first argmax
+            kept = first_best if cfg.keep == "best" else 0
             episodes[i].turns.append(candidates)
-            episodes[i].chosen.append(best)
-            if feedback == "oracle" and candidates[best].reward == 1.0:
+            episodes[i].chosen.append(kept)
+            if feedback == "oracle" and candidates[kept].reward == 1.0:
                 continue  # the oracle stops a solved episode
             still_live.append(i)
-            sampled.append(rows[best])
-            keep_rows += [k * N + best] * samples
+            sampled.append(rows[kept])
+            keep_rows += [k * N + kept] * samples
         live, N = still_live, samples
         if live and turns > t + 1:
             cache.reorder(keep_rows)  # drop finished episodes; every row continues from the kept attempt
@@ -283,11 +289,6 @@ def awr_weights(adv: list[float], beta: float, max_weight: float) -> list[float]
     return [min(math.exp(min(a / beta, 50.0)), max_weight) for a in adv]
 
 
-def official_weight(reward: float) -> float:
-    """The official RISE code's weight: exp(reward / 0.4) per sample, no baseline, no clip."""
-    return math.exp(reward / 0.4)
-
-
 def weigh(episodes: list[data.Episode], cfg: Config) -> None:
     """Set each collected candidate's advantage and AWR weight; they are saved with the trajectories,
     so what training uses can be read back (report.py shows it).
@@ -300,7 +301,7 @@ def weigh(episodes: list[data.Episode], cfg: Config) -> None:
         for candidates, chosen in zip(ep.turns, ep.chosen):
             rewards = [c.reward for c in candidates]
             if cfg.weighting == "official":
-                candidates[chosen].weight = official_weight(candidates[chosen].reward)
+                candidates[chosen].weight = math.exp(candidates[chosen].reward / 0.4)  # no baseline, no clip
             elif cfg.keep_uniform_turns or len(set(rewards)) > 1:
                 adv = advantages(rewards, cfg.normalize_advantages)
                 for c, a, w in zip(candidates, adv, awr_weights(adv, cfg.beta, cfg.max_weight)):

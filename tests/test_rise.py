@@ -24,8 +24,13 @@ def test_advantages_and_weights_by_hand():
     assert rise.advantages([1.0, 0.0, 0.0, 0.0]) == [0.75, -0.25, -0.25, -0.25]
     assert rise.awr_weights([0.75, -0.25], beta=0.5, max_weight=20) == pytest.approx([math.exp(1.5), math.exp(-0.5)])
     assert rise.awr_weights([5.0, 0.0], beta=1.0, max_weight=20) == [20.0, 1.0]  # clipped at the maximum
-    assert rise.official_weight(1.0) == pytest.approx(math.exp(2.5))
-    assert rise.official_weight(-1.0) == pytest.approx(math.exp(-2.5))
+    # the official code's weighting: exp(reward / 0.4) on the kept candidate alone, no baseline, no clip
+    turns = [[Candidate("a", "1", -1.0), Candidate("b", "2", 0.0)],
+             [Candidate("c", None, 0.0), Candidate("d", "3", 1.0)]]
+    episode = Episode(data.Problem("q", "#### 3", "q0"), "oracle", turns, [0, 1])
+    rise.weigh([episode], rise.Config(weighting="official"))
+    assert [[c.weight for c in turn] for turn in turns] == [[pytest.approx(math.exp(-2.5)), None],
+                                                            [None, pytest.approx(math.exp(2.5))]]
 
 
 def test_wilson_interval_by_hand():
@@ -216,6 +221,20 @@ def test_one_sample_at_turn_1_then_best_of_n_continues_from_it(toy_policy):
     for w, n in zip(wide, narrow):
         assert [[c.text for c in turn] for turn in w.turns] == [[c.text for c in turn] * len(wt)
                                                                  for turn, wt in zip(n.turns, w.turns)]
+
+
+def test_keep_first_goes_on_from_the_first_candidate_even_when_another_is_right(toy_policy, monkeypatch):
+    """--keep first: the episode continues from candidate 0 (an ordinary sample), so the oracle stops it
+    only when that one is right; --keep best continues from the first right one, which ends it."""
+    problem = toy.make_problems(1, seed=3)[0]
+    cfg = rise.Config(max_new_tokens=4, device="cpu")
+    for keep, chosen in [("best", [1]), ("first", [0, 0, 0])]:
+        rewards = iter([0.0, 1.0, 0.0, 1.0] * 3)  # the scores of the candidates, in sampling order
+        monkeypatch.setattr(rise, "score", lambda p, text: Candidate(text, None, next(rewards)))
+        episode, = rise.rollout(toy_policy, [problem], dataclasses.replace(cfg, keep=keep), turns=3, samples=4,
+                                feedback="oracle")
+        assert episode.chosen == chosen
+        assert all([c.reward for c in turn] == [0.0, 1.0, 0.0, 1.0] for turn in episode.turns)
 
 
 @pytest.mark.parametrize("fast", [True, False])
