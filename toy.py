@@ -146,9 +146,9 @@ def write_tokenizer(path: str | Path) -> Path:
 # the few problems all of four first samples miss; each episode goes on from its first candidate, an
 # ordinary sample, so later turns are trained as often as evaluation reaches them; states that hold only
 # the last attempt (the official code's), so every later turn looks like turn 2, where data is plentiful;
-# the oracle's feedback; two iterations of two epochs (a third did no better on dev); AWR at beta 0.25,
-# so the wrong candidates (most of them repeats of the wrong answer) get almost no weight; lr 1e-4, still
-# far below pre-training's 2e-3.
+# the oracle's feedback; two iterations of two epochs (on dev a third helped only without an oracle);
+# AWR at beta 0.25, so the wrong candidates (most of them repeats of the wrong answer) get almost no
+# weight; lr 1e-4, still far below pre-training's 2e-3.
 PRESET = dict(train_data="toy:train", eval_data="toy:test", train_problems=2000, eval_problems=500,
               samples=4, first_samples=1, keep="first", context="last", iterations=2, feedback="oracle",
               max_new_tokens=40, beta=0.25, lr=1e-4,
