@@ -151,8 +151,8 @@ def write_tokenizer(path: str | Path) -> Path:
 # weight; lr 1e-4, still far below pre-training's 2e-3.
 PRESET = dict(train_data="toy:train", eval_data="toy:test", train_problems=2000, eval_problems=500,
               samples=4, first_samples=1, keep="first", context="last", iterations=2, feedback="oracle",
-              max_new_tokens=40, beta=0.25, lr=1e-4,
-              epochs=2, batch_size=64, micro_batch=32, rows_per_batch=512, amp=False, dtype="float32", out="runs/toy")
+              max_new_tokens=40, beta=0.25, lr=1e-4, epochs=2, batch_size=64, micro_batch=32, rows_per_batch=512,
+              amp=False, dtype="float32", out="runs/toy")
 
 
 # --------------------------------------------------------------------------------------------
