@@ -506,10 +506,12 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def mark_done(out: Path, done: list[str], stage: str) -> None:
-    """Record a completed stage in state.json (after its files are written), so --resume skips it."""
+def finish_stage(out: Path, done: list[str], stage: str, files: dict[Path, str]) -> None:
+    """Write a completed stage's files, then record the stage in state.json, so --resume skips it."""
     done.append(stage)
     if is_main():
+        for path, text in files.items():
+            write_atomic(path, text)
         write_atomic(out / "state.json", json.dumps({"done": done}, indent=1))
 
 
@@ -617,7 +619,12 @@ def resumed_config(cfg: Config, given: set[str]) -> Config:
     path = Path(cfg.out) / "config.json"
     if not (path.parent / "state.json").is_file() or not path.is_file():
         raise ConfigError(f"--resume: {path.parent} holds no run to resume; leave out --resume to start one there")
-    saved = Config(**json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    unknown = set(saved) ^ {f.name for f in dataclasses.fields(Config)}  # another version of rise wrote it
+    if unknown:
+        raise ConfigError(f"--resume: {path} was not written by this version of rise (settings missing or new: "
+                          f"{', '.join(sorted(unknown))}); add or remove them there, or start a new run elsewhere")
+    saved = Config(**saved)
     changed = {name for name in given if getattr(cfg, name) != getattr(saved, name)}
     refused = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)} (the run has {getattr(saved, f.name)})"
                for f in dataclasses.fields(cfg) if f.name in changed and not f.metadata.get("resume")]
@@ -680,13 +687,11 @@ def run(cfg: Config, resume: bool = False, given: set[str] = frozenset()) -> dic
             return
         result, runs = evaluate(load_policy(path, cfg, prompts), eval_problems, cfg, cfg.seed + 1000, name)
         metrics[name] = result
+        files = {out / "eval" / f"{name}_{kind}.jsonl": data.episodes_to_jsonl(eps) for kind, eps in runs.items()}
+        finish_stage(out, state, f"eval:{name}", {**files, metrics_path: json.dumps(metrics, indent=1)})
         if is_main():
-            for kind, episodes in runs.items():
-                write_atomic(out / "eval" / f"{name}_{kind}.jsonl", data.episodes_to_jsonl(episodes))
-            write_atomic(metrics_path, json.dumps(metrics, indent=1))
             tqdm.write(f"{name}: " + ", ".join(f"{key}@{cfg.turns} {100 * result[key][-1]['acc']:.1f}%"
                                                for key in ("p1", "pass", "m1", "maj")))
-        mark_done(out, state, f"eval:{name}")
 
     evaluate_stage("base", base_path)
     policy_path = base_path
@@ -704,9 +709,7 @@ def run(cfg: Config, resume: bool = False, given: set[str] = frozenset()) -> dic
                                         desc=f"iter {k}: collect ({feedback})", first_samples=cfg.first_samples)
             del policy
             weigh(episodes, cfg)
-            if is_main():
-                write_atomic(it / "trajectories.jsonl", data.episodes_to_jsonl(episodes))
-            mark_done(out, state, f"collect:{k}")
+            finish_stage(out, state, f"collect:{k}", {it / "trajectories.jsonl": data.episodes_to_jsonl(episodes)})
         barrier()
         if f"train:{k}" not in state:
             policy = load_policy(policy_path, cfg, prompts, training=True)
@@ -717,9 +720,7 @@ def run(cfg: Config, resume: bool = False, given: set[str] = frozenset()) -> dic
             stats = train(policy.model, examples, cfg, policy.tokenizer.pad_id, seed=cfg.seed + k,
                           desc=f"iter {k}: train")
             save_policy(policy.model, it / "policy", base_path, cfg)
-            if is_main():
-                write_atomic(it / "train.json", json.dumps(stats, indent=1))
-            mark_done(out, state, f"train:{k}")
+            finish_stage(out, state, f"train:{k}", {it / "train.json": json.dumps(stats, indent=1)})
             del policy
         policy_path = it / "policy"
         evaluate_stage(f"iter{k}", policy_path)

@@ -166,6 +166,19 @@ def test_resume_refuses_a_changed_setting_and_a_folder_with_no_run(finished_run,
     assert not (tmp_path / "nothing").exists()
 
 
+def test_resume_refuses_a_config_written_by_another_version(finished_run, tmp_path):
+    """A config.json without a setting would resume with Config's default for it (for the toy, not the
+    toy's), and one with an unknown setting cannot be read: both are named, and nothing runs."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    saved = json.loads((out / "config.json").read_text())
+    state = (out / "state.json").read_text()
+    (out / "config.json").write_text(json.dumps({**{k: v for k, v in saved.items() if k != "keep"}, "old_flag": 1}))
+    done = cli(*TINY, "--resume", "--iterations", "2", "--out", str(out))
+    assert_user_error(done, "config.json", "keep", "old_flag")
+    assert (out / "state.json").read_text() == state and not (out / "iter2").exists()
+
+
 def test_output_folder_that_cannot_be_used(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
