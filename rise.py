@@ -620,10 +620,10 @@ def resumed_config(cfg: Config, given: set[str]) -> Config:
     if not (path.parent / "state.json").is_file() or not path.is_file():
         raise ConfigError(f"--resume: {path.parent} holds no run to resume; leave out --resume to start one there")
     saved = json.loads(path.read_text())
-    unknown = set(saved) ^ {f.name for f in dataclasses.fields(Config)}  # another version of rise wrote it
-    if unknown:
+    mismatched = set(saved) ^ {f.name for f in dataclasses.fields(Config)}  # another version of rise wrote it
+    if mismatched:
         raise ConfigError(f"--resume: {path} was not written by this version of rise (settings missing or new: "
-                          f"{', '.join(sorted(unknown))}); add or remove them there, or start a new run elsewhere")
+                          f"{', '.join(sorted(mismatched))}); add or remove them there, or start a new run elsewhere")
     saved = Config(**saved)
     changed = {name for name in given if getattr(cfg, name) != getattr(saved, name)}
     refused = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)} (the run has {getattr(saved, f.name)})"
