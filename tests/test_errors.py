@@ -168,7 +168,7 @@ def test_resume_refuses_a_changed_setting_and_a_folder_with_no_run(finished_run,
 
 def test_resume_refuses_a_config_written_by_another_version(finished_run, tmp_path):
     """A config.json without a setting would resume with Config's default for it (for the toy, not the
-    toy's), and one with an unknown setting cannot be read: both are named, and nothing runs."""
+    toy's preset), and one with an unknown setting cannot be read: both are named, and nothing runs."""
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     saved = json.loads((out / "config.json").read_text())
