@@ -189,7 +189,10 @@ class Recipe:
     n_layers: int = 4
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        """Names the cached base. The toy's prompts are part of it: the base is trained on episodes written
+        with them, so a base built with other feedback must not be reused."""
+        spec = {**dataclasses.asdict(self), "prompts": dataclasses.asdict(data.TOY_PROMPTS)}
+        return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
 
     def problems(self, split: str) -> list[data.Problem]:
         """"train", "test" or "dev": the splits the base was built with (it never saw test or dev problems;
@@ -262,7 +265,7 @@ def cache_dir() -> Path:
 
 def build_base(recipe: Recipe | None = None, cache: Path | None = None) -> Path:
     """The toy base checkpoint: a tiny Llama trained from scratch (see Recipe), saved in Hugging Face
-    format and loaded back like any checkpoint. Built once per recipe, then cached."""
+    format and loaded back like any checkpoint. Built once per recipe and toy prompts (Recipe.key), then cached."""
     import rise  # the base is pre-trained with rise.train (weight 1 on every example)
 
     recipe = recipe or Recipe()

@@ -72,6 +72,18 @@ def test_toy_splits_are_disjoint():
     assert rise.load_problems("toy:dev", 50, rise.Config()) == toy.splits(20_000, 500, 0, 500, max_value=30)["dev"][:50]
 
 
+def test_base_cache_key_changes_with_the_recipe_and_the_toy_prompts(monkeypatch):
+    """A cached base is reused only for the recipe and the prompts it was built with: the feedback is
+    part of the base's training episodes (README: the eighth round restates the question in it)."""
+    key = toy.Recipe().key()
+    assert toy.Recipe().key() == key
+    assert toy.Recipe(p_repeat=0.5).key() != key
+    restated = data.Prompts(instruction="{question}", oracle_feedback="Wrong. {question}",
+                            neutral_feedback="Retry. {question}")
+    monkeypatch.setattr(data, "TOY_PROMPTS", restated)
+    assert toy.Recipe().key() != key
+
+
 def test_toy_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
