@@ -244,8 +244,11 @@ GSM8K_PROMPTS = Prompts(
     neutral_feedback="Review your previous answer and try again. Here's the question: {question}",
 )
 
-# The CPU toy's model (toy.py) reads characters: every character of a prompt costs compute, so these are short.
-TOY_PROMPTS = Prompts(instruction="{question}", oracle_feedback="Wrong.", neutral_feedback="Retry.")
+# The CPU toy's model (toy.py) reads characters: every character costs compute, so these are short. The
+# feedback still restates the question, as the official one does: the next attempt is then written right
+# after the question rather than right after the wrong attempt, which it would otherwise copy (README).
+TOY_PROMPTS = Prompts(instruction="{question}", oracle_feedback="Wrong. {question}",
+                      neutral_feedback="Retry. {question}")
 
 
 

@@ -108,7 +108,7 @@ def splits(n_train: int, n_test: int, seed: int, n_dev: int = 0, **difficulty) -
 # Tokenizer and prompts
 # --------------------------------------------------------------------------------------------
 
-# A compact chat template: "<u>question<a>attempt</a><u>Wrong.<a>". "</a>" closes an
+# A compact chat template: "<u>question<a>attempt</a><u>Wrong. question<a>". "</a>" closes an
 # assistant turn and is the EOS token; the generation prompt is "<a>".
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}<a>{{ m['content'] }}</a>"
@@ -148,10 +148,12 @@ def write_tokenizer(path: str | Path) -> Path:
 # the last attempt (the official code's), so every later turn looks like turn 2, where data is plentiful;
 # the oracle's feedback; two iterations of two epochs (on dev a third helped only without an oracle);
 # AWR at beta 0.25, so the wrong candidates (most of them repeats of the wrong answer) get almost no
-# weight; lr 1e-4, still far below pre-training's 2e-3.
-PRESET = dict(train_data="toy:train", eval_data="toy:test", train_problems=2000, eval_problems=500,
+# weight; 1,000 training problems, since the states that restate the question (data.TOY_PROMPTS) cost
+# about twice as much and the run must fit 15 minutes; lr 2e-4, as half the problems make half the
+# optimizer steps (still far below pre-training's 2e-3).
+PRESET = dict(train_data="toy:train", eval_data="toy:test", train_problems=1000, eval_problems=500,
               samples=4, first_samples=1, keep="first", context="last", iterations=2, feedback="oracle",
-              max_new_tokens=40, beta=0.25, lr=1e-4, epochs=2, batch_size=64, micro_batch=32, rows_per_batch=512,
+              max_new_tokens=40, beta=0.25, lr=2e-4, epochs=2, batch_size=64, micro_batch=32, rows_per_batch=512,
               amp=False, dtype="float32", out="runs/toy")
 
 
@@ -179,7 +181,10 @@ class Recipe:
     max_value: int = 30  # every number in a problem is at most this (make_problems)
     p_right: float = 0.4
     p_repeat: float = 0.6
-    turns: int = 5
+    # attempts per episode at most: two, since the toy's states (PRESET's context "last") show one attempt
+    # at every later turn; five-turn episodes take twice as long to train on (README); a run with
+    # --context all would meet longer states than the base ever saw
+    turns: int = 2
     arithmetic_steps: int = 700  # optimizer steps of phase 1
     episode_steps: int = 250  # optimizer steps of phase 2
     batch_size: int = 64

@@ -185,9 +185,9 @@ def test_toy_state_is_short(tokenizers):
     tk, _ = tokenizers["toy"]
     problem = toy.make_problems(1, seed=0)[0]
     text = tk.apply_chat_template(data.state_messages(problem, ["1+1=2\n#### 2"], data.TOY_PROMPTS))
-    assert text == f"<u>{problem.question}<a>1+1=2\n#### 2</a><u>Wrong.<a>"
+    assert text == f"<u>{problem.question}<a>1+1=2\n#### 2</a><u>Wrong. {problem.question}<a>"
     neutral = data.state_messages(problem, ["x"], data.TOY_PROMPTS, feedback="neutral")
-    assert neutral[-1]["content"] == data.TOY_PROMPTS.neutral_feedback
+    assert neutral[-1]["content"] == f"Retry. {problem.question}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_training_examples_mask_exactly_the_candidate(toy_policy):
         assert tok.decode(trained, skip_special_tokens=False) == c.text + "</a>"
         # the state before it: the question, and at turn 2 the kept (wrong) first attempt + oracle feedback
         context = tok.decode([i for i, m in zip(e.ids, e.mask) if not m], skip_special_tokens=False)
-    assert context == f"<u>{p.question}<a>2+3=6\n#### 6</a><u>Wrong.<a>"
+    assert context == f"<u>{p.question}<a>2+3=6\n#### 6</a><u>Wrong. {p.question}<a>"
     # uniform turns carry no signal and are dropped; the official weighting keeps only the kept attempts
     assert [c.advantage for c in turn1 + turn2] == [-0.5, 0.5, 0.5, -0.5]  # stored with the trajectories
     flat = Episode(p, "oracle", [[Candidate("2+3=6\n#### 6", "6", 0.0), Candidate("2+3=6\n#### 6", "6", 0.0)]], [0])

@@ -74,13 +74,12 @@ def test_toy_splits_are_disjoint():
 
 def test_base_cache_key_changes_with_the_recipe_and_the_toy_prompts(monkeypatch):
     """A cached base is reused only for the recipe and the prompts it was built with: the feedback is
-    part of the base's training episodes (README: the eighth round restates the question in it)."""
+    part of the base's training episodes (README: before the eighth round it did not restate the question)."""
     key = toy.Recipe().key()
     assert toy.Recipe().key() == key
     assert toy.Recipe(p_repeat=0.5).key() != key
-    restated = data.Prompts(instruction="{question}", oracle_feedback="Wrong. {question}",
-                            neutral_feedback="Retry. {question}")
-    monkeypatch.setattr(data, "TOY_PROMPTS", restated)
+    bare = data.Prompts(instruction="{question}", oracle_feedback="Wrong.", neutral_feedback="Retry.")
+    monkeypatch.setattr(data, "TOY_PROMPTS", bare)
     assert toy.Recipe().key() != key
 
 
