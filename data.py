@@ -246,7 +246,7 @@ GSM8K_PROMPTS = Prompts(
 
 # The CPU toy's model (toy.py) reads characters: every character costs compute, so these are short. The
 # feedback still restates the question, as the official one does: the next attempt is then written right
-# after the question rather than right after the wrong attempt, which it would otherwise copy (README).
+# after the question rather than right after the wrong attempt, which anchors it (README, eighth round).
 TOY_PROMPTS = Prompts(instruction="{question}", oracle_feedback="Wrong. {question}",
                       neutral_feedback="Retry. {question}")
 
