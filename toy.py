@@ -146,7 +146,8 @@ def write_tokenizer(path: str | Path) -> Path:
 # the few problems all of four first samples miss; each episode goes on from its first candidate, an
 # ordinary sample, so later turns are trained as often as evaluation reaches them; states that hold only
 # the last attempt (the official code's), so every later turn looks like turn 2, where data is plentiful;
-# the oracle's feedback; two iterations of two epochs (on dev a third helped only without an oracle);
+# the oracle's feedback; two iterations of two epochs (a third, on 700 problems at the same cost, gained
+# on parallel sampling on dev only by giving up turn-1 accuracy: README, tenth round);
 # AWR at beta 0.25, so the wrong candidates (most of them repeats of the wrong answer) get almost no
 # weight; 1,000 training problems, since the states that restate the question (data.TOY_PROMPTS) cost
 # about twice as much and the run must fit 15 minutes; lr 2e-4, as half the problems make half the
