@@ -244,7 +244,7 @@ GSM8K_PROMPTS = Prompts(
     neutral_feedback="Review your previous answer and try again. Here's the question: {question}",
 )
 
-# The CPU toy's model (toy.py) reads characters: every character costs compute, so these are short. The
+# The CPU toy's prompts (toy.py) are short: every token costs the tiny model compute. The
 # feedback still restates the question, as the official one does: the next attempt is then written right
 # after the question rather than right after the wrong attempt, which anchors it (README, eighth round).
 TOY_PROMPTS = Prompts(instruction="{question}", oracle_feedback="Wrong. {question}",

@@ -1,5 +1,4 @@
-"""toy.py: the CPU toy's task generator, its character-level tokenizer (against transformers) and its
-held-out split."""
+"""toy.py: the CPU toy's task generator, its tokenizer (against transformers) and its held-out split."""
 
 import re
 
@@ -73,11 +72,16 @@ def test_toy_splits_are_disjoint():
 
 
 def test_base_cache_key_changes_with_the_recipe_and_the_toy_prompts(monkeypatch):
-    """A cached base is reused only for the recipe and the prompts it was built with: the feedback is
-    part of the base's training episodes (README: before the eighth round it did not restate the question)."""
+    """A cached base is reused only for the recipe, the prompts and the tokenizer it was built with: the
+    feedback and the words are part of the base's training episodes (README: before the eighth round it
+    did not restate the question, before the eleventh it had one token per character)."""
     key = toy.Recipe().key()
     assert toy.Recipe().key() == key
     assert toy.Recipe(p_repeat=0.5).key() != key
+    monkeypatch.setattr(toy, "OBJECTS", toy.OBJECTS + ["kites"])  # another word: another tokenizer
+    assert toy.Recipe().key() != key
+    monkeypatch.setattr(toy, "OBJECTS", toy.OBJECTS[:-1])
+    assert toy.Recipe().key() == key
     bare = data.Prompts(instruction="{question}", oracle_feedback="Wrong.", neutral_feedback="Retry.")
     monkeypatch.setattr(data, "TOY_PROMPTS", bare)
     assert toy.Recipe().key() != key
@@ -90,18 +94,24 @@ def test_toy_tokenizer(tmp_path):
     reference = AutoTokenizer.from_pretrained(tmp_path)
     texts = [p.question + "\n" + p.answer for p in toy.make_problems(50, seed=0, ops="+-*")]
     texts += ["".join(map(chr, range(32, 127))) + "\n", data.TOY_PROMPTS.oracle_feedback, data.TOY_PROMPTS.neutral_feedback,
-              "  two  spaces \n\n"]
+              "  two  spaces \n\n", "Annie hash more apples####7"]
     for text in texts:
         ids = tk.encode(text)
-        assert len(ids) == len(text)  # one token per character, no BOS
-        assert tk.decode(ids) == text and reference.decode(ids) == text
-        assert reference(text)["input_ids"] == ids
+        assert tk.decode(ids) == text and reference.decode(ids) == text  # any text, no BOS, no unknown token
+        assert reference(text)["input_ids"] == ids and tk.tk.token_to_id("<unk>") not in ids
+    # the toy's words are one token each, with their leading space; digits one token each
+    question = "Ann has 37 apples. She loses 19. How many apples now?"
+    text = question + "\n37-19=18\n#### 18"
+    pieces = [tk.decode([i]) for i in tk.encode(text)]
+    assert pieces[:8] == ["Ann", " has", " ", "3", "7", " apples", ".", " She"]
+    assert pieces[-5:] == ["\n", "####", " ", "1", "8"]
+    assert len(pieces) < len(text) / 2
     problem = toy.make_problems(1, seed=0)[0]
     messages = data.state_messages(problem, ["1+1=2\n#### 2"], data.TOY_PROMPTS)
     assert reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
         tk.apply_chat_template(messages)
     assert tk.eos_id == tk.tk.token_to_id("</a>") and tk.pad_id != tk.eos_id
-    assert tk.vocab_size == len(toy.SPECIAL_TOKENS) + 96
+    assert tk.vocab_size == len(toy.SPECIAL_TOKENS) + 96 + 2 * len(toy.words()) + 1
 
 
 def test_write_problems_gives_disjoint_jsonl_splits_that_rise_reads(tmp_path):
