@@ -42,6 +42,7 @@ NAMES = [("Ann", "She"), ("Bob", "He"), ("Cal", "He"), ("Dee", "She"), ("Eve", "
          ("Sam", "He"), ("Zoe", "She"), ("Tom", "He"), ("Amy", "She")]
 OBJECTS = ["apples", "pens", "coins", "cards", "eggs", "books", "shells", "balls", "cups", "hats"]
 STEPS = {"+": "{p} gets {x} more.", "-": "{p} loses {x}.", "*": "{p} then has {x} times as many."}
+OPENING, ENDING = "{name} has {value} {objects}.", "How many {objects} now?"
 MAX_FACTOR = 5  # "*" multiplies by 2..5: small operands, the task stays mental arithmetic
 
 
@@ -51,7 +52,7 @@ def _problem(rng: random.Random, steps: int, max_value: int, ops: str) -> tuple[
         name, pronoun = rng.choice(NAMES)
         objects = rng.choice(OBJECTS)
         value = rng.randint(1, max_value)
-        sentences, lines = [f"{name} has {value} {objects}."], []
+        sentences, lines = [OPENING.format(name=name, value=value, objects=objects)], []
         for _ in range(steps):
             feasible = [op for op in ops if (op == "+" and value < max_value) or (op == "-" and value > 0)
                         or (op == "*" and 0 < value and 2 * value <= max_value)]
@@ -71,7 +72,7 @@ def _problem(rng: random.Random, steps: int, max_value: int, ops: str) -> tuple[
             lines.append(f"{value}{op}{x}={new}")
             value = new
         else:
-            sentences.append(f"How many {objects} now?")
+            sentences.append(ENDING.format(objects=objects))
             return " ".join(sentences), "\n".join(lines + [f"#### {value}"])
 
 
@@ -122,7 +123,7 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<u>", "<a>", "</a>"]
 def words() -> list[str]:
     """Every word of the toy's questions and feedback: names, pronouns, objects, verbs."""
     text = " ".join([f"{name} {pronoun}" for name, pronoun in NAMES] + OBJECTS + list(STEPS.values())
-                    + ["has", "How many now", data.TOY_PROMPTS.oracle_feedback, data.TOY_PROMPTS.neutral_feedback])
+                    + [OPENING, ENDING, data.TOY_PROMPTS.oracle_feedback, data.TOY_PROMPTS.neutral_feedback])
     found = set(re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", "", text)))
     return sorted(w for w in found if len(w) > 1)  # a single letter is a character token already
 
@@ -139,7 +140,8 @@ def write_tokenizer(path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     chars = ["\n"] + [chr(c) for c in range(32, 127)]
-    pieces = [" " + w for w in words()] + words() + ["####"]
+    names = words()
+    pieces = [" " + w for w in names] + names + ["####"]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + chars + pieces)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     longest_first = "|".join(re.escape(p) for p in sorted(pieces, key=len, reverse=True))
