@@ -1,8 +1,8 @@
 """verify.py: the automatic answer checker that is RISE's only reward signal.
 
 RISE (Recursive Introspection, Qu et al. 2024) learns from nothing but whether an attempt's final answer is
-right: data collection keeps the best of several attempts per turn and weights each turn by its reward (paper
-§5), and the evaluation metrics m1@t1, m1@t5 and p1@t5 count correct answers (§8). A bug here trains on
+right: data collection keeps the best of several attempts per turn (paper §4) and weights each by its
+advantage (§3), and the evaluation metrics m1@t1, m1@t5 and p1@t5 count correct answers (§5). A bug here trains on
 noise, so this file is deliberately strict about what it accepts and never guesses. It also splits wrong
 solutions into arithmetic slips and other errors for the error analysis of §6, by re-doing every stated
 calculation ("16 - 3 - 4 = 9", GSM8K's "<<16-3-4=9>>") in exact rational arithmetic.
