@@ -27,7 +27,7 @@ each in a process of its own):
 Shared machines are noisy, so every timed section is the best of --reps repetitions (batch 32: of
 2; the rollout: of --rollout-reps), the engines take turns within each repetition, and the copy
 bandwidth is measured right beside the batch-1 runs. The whole run takes about 6 minutes on 2 CPU
-cores, 1-2 of them compiling. Numbers, not tests: README.md holds a measured table and the command
+cores, 1-2 of them compiling. Numbers, not tests: docs/performance.md holds a measured table and the command
 that made it.
 """
 
@@ -459,10 +459,11 @@ def check_memory(base_path: Path, cfg: rise.Config, refuse: bool = True) -> dict
 
 def main():
     if "--estimate-memory" in sys.argv[1:]:  # the other flags are rise.py's, for the run being planned
+        import checks
         import rise
 
         cfg, _, _ = rise.parse_args([a for a in sys.argv[1:] if a != "--estimate-memory"])
-        check_memory(rise.base_checkpoint(cfg), cfg, refuse=False)
+        check_memory(checks.base_checkpoint(cfg), cfg, refuse=False)
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint directory (default: SmolLM2-135M-Instruct "

@@ -246,7 +246,7 @@ GSM8K_PROMPTS = Prompts(
 
 # The CPU toy's prompts (toy.py) are short: every token costs the tiny model compute. The
 # feedback still restates the question, as the official one does: the next attempt is then written right
-# after the question rather than right after the wrong attempt, which anchors it (README, eighth round).
+# after the question rather than right after the wrong attempt, which anchors it (docs/toy-experiments.md).
 TOY_PROMPTS = Prompts(instruction="{question}", oracle_feedback="Wrong. {question}",
                       neutral_feedback="Retry. {question}")
 

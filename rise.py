@@ -8,13 +8,12 @@ turn by its advantage, fine-tune, evaluate; and the command that runs it all.
 
 Read top to bottom, the method (paper sections in brackets):
   rollout            one question becomes a T-turn episode [§2]: at turn t the model reads the question
-                     and its earlier attempts, each followed by feedback, and writes a new attempt. N
-                     candidates are sampled per turn; the episode continues from the best one (RISE-Self,
-                     best-of-N self-improvement [§4]; --keep first: from an ordinary sample) or from a
-                     teacher's (RISE-Distill [§4]); with an oracle it stops at the first correct answer.
-                     KV caches are reused across turns.
-                     (--first-samples 1, the official recipe: one sample at turn 1, best-of-N after it.)
-  advantages         a candidate's reward minus the mean reward of the N candidates of its turn [§3]
+                     and its earlier attempts, each followed by feedback, and writes a new attempt. N_t
+                     candidates are sampled at turn t (--first-samples at turn 1, --samples after); the
+                     episode continues from the best one (RISE-Self, best-of-N self-improvement [§4];
+                     --keep first: from an ordinary sample) or from a teacher's (RISE-Distill [§4]); with
+                     an oracle it stops at the first correct answer. KV caches are reused across turns.
+  advantages         (reward - mean) / std over the N_t candidates of a turn [§3]
   awr_weights        exp(advantage / beta), clipped (advantage-weighted regression [§3]); weigh() stores
                      each candidate's advantage and weight with the trajectories
   data.training_examples  every (state, candidate) pair with a weight: the state is context, only
@@ -24,7 +23,7 @@ Read top to bottom, the method (paper sections in brackets):
   evaluate           p1@t (oracle), m1@t (majority over turns, no oracle) against the parallel
                      baselines pass@t and maj@t at the same sample budget [§5], with 95% intervals
   run                collect -> train -> evaluate, --iterations times, each stage resumable
-  parse_args / main  the command line, generated from Config's fields
+  parse_args / main  the command line, generated from Config's fields; checks.py checks it all first
 
 Data flows one way: data.py builds states, model.py samples, verify.py scores, this file weights and
 trains. Outputs (--out DIR): config.json, metrics.json, metrics.png, iterK/trajectories.jsonl (every
@@ -38,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import math
-import operator
 import os
 import random
 import sys
@@ -70,7 +68,7 @@ def opt(default, help: str, **rules):
 
 @dataclass
 class Config:
-    model: str = opt("toy", "checkpoint directory, a name in MODEL_NAMES (found offline) or 'toy' (toy.py)")
+    model: str = opt("toy", "checkpoint directory, a name in checks.MODEL_NAMES (found offline) or 'toy' (toy.py)")
     teacher: str | None = opt(None, "RISE-Distill: a stronger checkpoint that writes turns 2..T (none: RISE-Self)")
     train_data: str = opt("gsm8k:train", "gsm8k:train, toy:train or a .jsonl file of question/answer lines")
     eval_data: str = opt("gsm8k:test", "gsm8k:test, math:test, toy:test, toy:dev (choose settings on it) or a .jsonl")
@@ -115,54 +113,8 @@ class Config:
     out: str = opt("runs/rise", "run directory (config, trajectories, metrics, checkpoints, report)", resume=True)
 
 
-class ConfigError(ValueError):
-    """A setting, output folder or resumed run that cannot work; the message names it and the fix."""
-
-
-LIMITS = {"min": (">=", operator.ge), "gt": (">", operator.gt), "max": ("<=", operator.le)}  # opt()'s rules
-
-
-def check_settings(cfg: Config) -> None:
-    """Every setting finite and within its field's range, before any work."""
-    for f in dataclasses.fields(cfg):
-        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{flag} {value}: must be a finite number")
-        limits = [(sign, f.metadata[key], ok) for key, (sign, ok) in LIMITS.items() if key in f.metadata]
-        if value is not None and not all(ok(value, bound) for _, bound, ok in limits):
-            required = " and ".join(f"{sign} {bound}" for sign, bound, _ in limits)
-            raise ConfigError(f"{flag} {value}: must be {required}")
-
-
-# Short names resolved offline: $RISE_MODELS/<name or repo name>, else the Hugging Face cache.
-MODEL_NAMES = {
-    "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.2",
-    "llama2-7b": "meta-llama/Llama-2-7b-chat-hf",
-    "llama3-8b": "meta-llama/Meta-Llama-3-8B-Instruct",
-    "llama3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-}
-
-
-def resolve_model(name: str) -> Path:
-    """A checkpoint directory found without the network: the path `name`, $RISE_MODELS/<name> (default
-    $RISE_CACHE/models, where `python tests/smollm2.py` writes smollm2-135m), or the
-    Hugging Face cache's snapshot that refs/main names (what `huggingface-cli download` fetched last)."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    repo = MODEL_NAMES.get(name, name)
-    models = Path(os.environ.get("RISE_MODELS") or os.environ.get("RISE_CACHE", "~/.cache/rise") + "/models")
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
-    cached = hub.expanduser() / f"models--{repo.replace('/', '--')}"
-    ref = (cached / "refs" / "main").read_text().strip() if (cached / "refs" / "main").is_file() else "<refs/main>"
-    candidates = [models.expanduser() / name, models.expanduser() / repo.split("/")[-1], cached / "snapshots" / ref]
-    found = [c for c in candidates if (c / "config.json").is_file()]
-    if not found:
-        raise M.CheckpointError(f"model {name!r} not found in {', '.join(map(str, [path] + candidates))}. rise never "
-                                f"downloads: fetch it elsewhere with `huggingface-cli download {repo}`, or put its "
-                                f"folder in $RISE_MODELS, or pass its path. Known names: {', '.join(MODEL_NAMES)}")
-    return found[0]
+class TrainingError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight; the message says what to change."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,25 +134,22 @@ def score(problem: data.Problem, text: str) -> data.Candidate:
     return data.Candidate(text, verify.extract_answer(text), verify.reward(text, problem.answer))
 
 
-def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns: int, samples: int,
-            feedback: str, teacher: Policy | None = None, seed: int = 0, progress=None, first_samples: int | None = None
-            ) -> list[data.Episode]:
-    """Episodes for `problems`, sampled together: len(problems) * samples rows in one KV cache.
+def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, widths: list[int], protocol: str,
+            teacher: Policy | None = None, sampling_seed: int = 0, progress=None) -> list[data.Episode]:
+    """Episodes for `problems`, sampled together in one KV cache: turn t samples widths[t] candidates per
+    live episode (len(widths) turns), under the feedback `protocol` ("oracle" or "neutral").
 
-    At each turn every live episode gets `samples` candidates from its current state; it keeps the
+    At each turn every live episode gets widths[t] candidates from its current state; it keeps the
     first best one (official code: first argmax of reward) or, with cfg.keep "first", the first one, and
-    all rows of that episode continue from it (the cache rows are copied). With feedback="oracle" an
+    all its rows of the next turn continue from it (the cache rows are copied). Under the oracle an
     episode ends at its first correct answer. The cache of each row is reused from turn to turn: only
     the feedback is encoded. With a teacher (RISE-Distill), the policy writes turn 1 and the teacher
-    every later turn. `first_samples` candidates at turn 1 (default: `samples`): best-of-N there ends
-    most episodes before turn 2. Keeping the first (an ordinary sample) visits later turns as often
-    as evaluation does; keeping the best makes them rare.
+    every later turn.
     """
-    N = first_samples or samples
-    episodes = [data.Episode(p, feedback) for p in problems]
-    live = list(range(len(problems)))  # episodes still running; row r belongs to episode live[r // N]
+    episodes = [data.Episode(p, protocol) for p in problems]
+    live = list(range(len(problems)))  # episodes still running; row r of turn t belongs to live[r // widths[t]]
     writer, cache, generator, sampled = None, None, None, []
-    for t in range(turns):
+    for t, width in enumerate(widths):
         if not live:
             break
         current = teacher if teacher is not None and t > 0 else policy
@@ -209,59 +158,58 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns:
             # a new writer (or a state that is not an extension of the last): encode states afresh
             writer = current
             prompts = [data.render_state(tok, data.state_messages(episodes[i].problem, episodes[i].attempts,
-                                                                  current.prompts, feedback, cfg.context))
-                       for i in live for _ in range(N)]
+                                                                  current.prompts, protocol, cfg.context))
+                       for i in live for _ in range(width)]
             cache = M.KVCache.for_model(current.model, len(prompts), max(map(len, prompts)) + cfg.max_new_tokens)
-            generator = torch.Generator(device=cache.device).manual_seed(seed + t)
+            generator = torch.Generator(device=cache.device).manual_seed(sampling_seed + t)
         else:
             # continue each row's cache: end of the kept attempt, the feedback, the next turn's prompt
             prompts = []
             for i, ids in zip(live, sampled):
                 ep = episodes[i]
-                more = data.continuation_tokens(tok, ep.problem, ep.attempts, ids, current.prompts, feedback,
+                more = data.continuation_tokens(tok, ep.problem, ep.attempts, ids, current.prompts, protocol,
                                                 current.model.args.eos_ids)
-                prompts += [more] * N
+                prompts += [more] * width
         outs = M.generate(current.model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                           top_p=cfg.top_p, stop_strings=data.stop_strings(tok), tokenizer=tok,
                           generator=generator, cache=cache)
+        next_width = widths[t + 1] if t + 1 < len(widths) else 0
         keep_rows, sampled, still_live = [], [], []
         for k, i in enumerate(live):
-            rows = outs[k * N:(k + 1) * N]
+            rows = outs[k * width:(k + 1) * width]
             candidates = [score(episodes[i].problem, data.attempt_text(tok, ids, current.model.args.eos_ids))
                           for ids in rows]
-            first_best = max(range(N), key=lambda j: (candidates[j].reward, -j))  # official: first argmax
+            first_best = max(range(width), key=lambda j: (candidates[j].reward, -j))  # official: first argmax
             kept = first_best if cfg.keep == "best" else 0
             episodes[i].turns.append(candidates)
             episodes[i].chosen.append(kept)
-            if feedback == "oracle" and candidates[kept].reward == 1.0:
+            if protocol == "oracle" and candidates[kept].reward == 1.0:
                 continue  # the oracle stops a solved episode
             still_live.append(i)
             sampled.append(rows[kept])
-            keep_rows += [k * N + kept] * samples
-        live, N = still_live, samples
-        if live and turns > t + 1:
+            keep_rows += [k * width + kept] * next_width
+        live = still_live
+        if live and next_width:
             cache.reorder(keep_rows)  # drop finished episodes; every row continues from the kept attempt
         if progress is not None:
             progress.update(len(outs))
     return episodes
 
 
-def rollout_all(policy: Policy, problems: list[data.Problem], cfg: Config, *, turns: int, samples: int,
-                feedback: str, teacher: Policy | None = None, seed: int = 0, desc: str = "rollout",
-                first_samples: int | None = None) -> list[data.Episode]:
+def rollout_all(policy: Policy, problems: list[data.Problem], cfg: Config, widths: list[int], protocol: str,
+                teacher: Policy | None = None, sampling_seed: int = 0, desc: str = "rollout") -> list[data.Episode]:
     """rollout() over all problems, in batches of about cfg.rows_per_batch rows, with a progress bar.
     Under torchrun each rank rolls out every world_size-th problem with its own seed; every rank gets
     all episodes back."""
     mine = problems[rank()::world_size()]
-    seed += 1_000_003 * rank()
-    per_batch = max(1, cfg.rows_per_batch // samples)
+    sampling_seed += 1_000_003 * rank()
+    per_batch = max(1, cfg.rows_per_batch // max(widths))
     episodes = []
-    with tqdm(total=len(mine) * samples * turns, desc=desc, unit="attempt", dynamic_ncols=True,
+    with tqdm(total=len(mine) * sum(widths), desc=desc, unit="attempt", dynamic_ncols=True,
               disable=not is_main()) as bar:
         for start in range(0, len(mine), per_batch):
-            episodes += rollout(policy, mine[start:start + per_batch], cfg, turns=turns, samples=samples,
-                                feedback=feedback, teacher=teacher, seed=seed + start, progress=bar,
-                                first_samples=first_samples)
+            episodes += rollout(policy, mine[start:start + per_batch], cfg, widths, protocol, teacher,
+                                sampling_seed + start, progress=bar)
         bar.total = bar.n
         bar.refresh()
     return gather_episodes(episodes)
@@ -343,7 +291,7 @@ def lr_at(step: int, total: int, warmup: float) -> float:
 
 
 def fast_bf16(cfg: Config) -> bool:
-    """bfloat16 pays off on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16): README measures it.
+    """bfloat16 pays off on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16): docs/performance.md.
     Where it does, rollouts run in bfloat16 and training under bfloat16 autocast (unless --dtype/--amp)."""
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     return M.default_placement(cfg.device)[0].type == "cuda" or "amx_bf16" in cpu or "avx512_bf16" in cpu
@@ -363,8 +311,8 @@ def wrap_for_training(model: M.Transformer, cfg: Config):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def train(model: M.Transformer, examples: list[data.Example], cfg: Config, pad_id: int, seed: int = 0,
-          desc: str = "train") -> dict:
+def train(model: M.Transformer, examples: list[data.Example], cfg: Config, pad_id: int,
+          shuffle_seed: int = 0, desc: str = "train") -> dict:
     """Weighted fine-tuning (AWR) of `model` in place: `epochs` passes over the examples, AdamW,
     batch_size examples per optimizer step in micro-batches of micro_batch (gradient accumulation).
 
@@ -378,7 +326,7 @@ def train(model: M.Transformer, examples: list[data.Example], cfg: Config, pad_i
     module = wrap_for_training(model, cfg)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    rng = random.Random(seed)
+    rng = random.Random(shuffle_seed)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, cfg.warmup))
@@ -409,15 +357,16 @@ def train(model: M.Transformer, examples: list[data.Example], cfg: Config, pad_i
                     torch.distributed.all_reduce(step_loss)
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 if not (torch.isfinite(norm) and torch.isfinite(step_loss)):  # stop before a NaN reaches the weights
-                    raise ConfigError(f"training diverged at step {len(losses) + 1} (loss {step_loss.item() / W:.4g}, "
-                                      f"gradient norm {norm.item():.4g}); lower --lr (it is {cfg.lr:g}), then --resume")
+                    raise TrainingError(f"training diverged at step {len(losses) + 1} (loss "
+                                        f"{step_loss.item() / W:.4g}, gradient norm {norm.item():.4g}); lower --lr "
+                                        f"(it is {cfg.lr:g}), then --resume")
                 optimizer.step()
                 schedule.step()
                 losses.append(step_loss.item() / W)
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     if not all(bool(p.isfinite().all()) for p in params):  # a huge step can overflow without a NaN gradient
-        raise ConfigError(f"training made weights infinite; lower --lr (it is {cfg.lr:g}), then --resume")
+        raise TrainingError(f"training made weights infinite; lower --lr (it is {cfg.lr:g}), then --resume")
     model.eval()
     n = min(len(losses), steps_per_epoch)
     return {"steps": total, "loss": sum(losses[-n:]) / n, "examples": len(examples)}
@@ -473,14 +422,15 @@ def summarize(hits: list[bool]) -> dict:
     return {"acc": sum(hits) / max(1, len(hits)), "lo": lo, "hi": hi, "n": len(hits)}
 
 
-def evaluate(policy: Policy, problems: list[data.Problem], cfg: Config, seed: int, name: str) -> tuple[dict, dict]:
+def evaluate(policy: Policy, problems: list[data.Problem], cfg: Config, sampling_seed: int,
+             name: str) -> tuple[dict, dict]:
     """All four metrics for t = 1..T on held-out problems, from three sets of rollouts: T turns with the
     oracle (p1), T turns with neutral feedback (m1), T independent first-turn samples (pass, maj)."""
     T = cfg.turns
-    plan = {"oracle": (T, 1, "oracle"), "neutral": (T, 1, "neutral"), "parallel": (1, T, "neutral")}
+    plan = {"oracle": ([1] * T, "oracle"), "neutral": ([1] * T, "neutral"), "parallel": ([T], "neutral")}
     runs = {}
-    for i, (kind, (turns, n, feedback)) in enumerate(plan.items()):
-        runs[kind] = rollout_all(policy, problems, cfg, turns=turns, samples=n, feedback=feedback, seed=seed + i,
+    for i, (kind, (widths, protocol)) in enumerate(plan.items()):
+        runs[kind] = rollout_all(policy, problems, cfg, widths, protocol, sampling_seed=sampling_seed + i,
                                  desc=f"eval {name}: {kind}")
     metrics = {
         "p1": [summarize(p1_at(runs["oracle"], t)) for t in range(1, T + 1)],
@@ -595,87 +545,25 @@ def save_policy(model: M.Transformer, path: Path, base_path: Path, cfg: Config) 
     barrier()
 
 
-def load_problems(spec: str, limit: int | None, cfg: Config) -> list[data.Problem]:
-    """The first `limit` problems of a data.load_problems set; "toy:train" / "toy:test" are the toy base's."""
-    if spec.startswith("toy:"):
-        import toy
-        return toy.recipe(cfg.toy_pretrain_steps).problems(spec.removeprefix("toy:"))[:limit]
-    return data.load_problems(spec)[:limit]
+def prompts_for(cfg: Config) -> data.Prompts:
+    """The toy base was trained with its own prompts; every other model gets the official code's GSM8K prompts."""
+    return data.TOY_PROMPTS if cfg.train_data.startswith("toy:") else data.GSM8K_PROMPTS
 
 
-def base_checkpoint(cfg: Config) -> Path:
-    """The checkpoint RISE starts from; the toy's is built (once, by rank 0) and cached."""
-    if cfg.model != "toy":
-        return resolve_model(cfg.model)
-    import toy
-    if is_main():
-        toy.build_base(toy.recipe(cfg.toy_pretrain_steps))
-    barrier()
-    return toy.build_base(toy.recipe(cfg.toy_pretrain_steps))
+def stages_done(out: Path) -> list[str]:
+    """The stages of the run in `out` that finished (state.json, written last by finish_stage)."""
+    return json.loads((out / "state.json").read_text())["done"] if (out / "state.json").is_file() else []
 
 
-def resumed_config(cfg: Config, given: set[str]) -> Config:
-    """The settings of the run in --out, and of the flags given now, those that may change (resume=True)."""
-    path = Path(cfg.out) / "config.json"
-    if not (path.parent / "state.json").is_file() or not path.is_file():
-        raise ConfigError(f"--resume: {path.parent} holds no run to resume; leave out --resume to start one there")
-    saved = json.loads(path.read_text())
-    mismatched = set(saved) ^ {f.name for f in dataclasses.fields(Config)}  # another version of rise wrote it
-    if mismatched:
-        raise ConfigError(f"--resume: {path} was not written by this version of rise (settings missing or new: "
-                          f"{', '.join(sorted(mismatched))}); add or remove them there, or start a new run elsewhere")
-    saved = Config(**saved)
-    changed = {name for name in given if getattr(cfg, name) != getattr(saved, name)}
-    refused = [f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)} (the run has {getattr(saved, f.name)})"
-               for f in dataclasses.fields(cfg) if f.name in changed and not f.metadata.get("resume")]
-    if refused:
-        raise ConfigError("--resume continues a run with its own settings; these differ: " + ", ".join(refused) +
-                          ". Leave them out, or start a new run with another --out.")
-    return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in changed})
-
-
-def check_out(out: Path, cfg: Config) -> None:
-    """The run folder can be made and written, and no file sits where the run will write a folder."""
-    existing = next(path for path in [out, *out.parents] if path.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: cannot create or write a folder there ({existing} is not a writable "
-                          "folder); choose another --out")
-    for folder in [out / "eval"] + [out / f"iter{k}" for k in range(1, cfg.iterations + 1)]:
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(f"--out {out}: {folder} is a file where the run writes a folder; move it away")
-
-
-def check_fits(path: Path, problems: list[data.Problem], prompts: data.Prompts, cfg: Config) -> None:
-    """The checkpoint's config, tokenizer and weight headers are usable, and the longest first turn plus
-    an attempt fits its context."""
-    args = M.check_checkpoint(path)
-    tokens, problem = data.longest_first_turn(data.Tokenizer(path), problems, prompts)
-    if tokens + cfg.max_new_tokens > args.max_seq_len:
-        raise ConfigError(f"problem {problem.id}: its first turn is {tokens} tokens, and with --max-new-tokens "
-                          f"{cfg.max_new_tokens} that is over {path}'s context of {args.max_seq_len} tokens; "
-                          "lower --max-new-tokens or remove the problem from the data")
-
-
-def run(cfg: Config, resume: bool = False, given: set[str] = frozenset()) -> dict:
+def run(cfg: Config, base_path: Path, train_problems: list[data.Problem], eval_problems: list[data.Problem],
+        teacher_path: Path | None = None) -> dict:
     """The whole method: evaluate the base, then `iterations` times collect -> train -> evaluate.
-    Everything is checked before any work. Each stage loads what it needs from disk and marks itself
-    done in state.json when its files are written, so an interrupted run resumes at the first
-    unfinished stage with the same result."""
+    (The command line checks everything first: checks.prepare.) Each stage loads what it needs from
+    disk and marks itself done in state.json when its files are written, so an interrupted run resumes
+    at the first unfinished stage with the same result."""
     out = Path(cfg.out)
-    cfg = resumed_config(cfg, given) if resume else cfg
-    check_settings(cfg)
-    state = json.loads((out / "state.json").read_text())["done"] if (out / "state.json").is_file() else []
-    if state and not resume:
-        raise ConfigError(f"--out {out} already holds a run (stages done: {', '.join(state)}); "
-                          "pass --resume to continue it, or choose another --out")
-    check_out(out, cfg)
-    prompts = data.TOY_PROMPTS if cfg.train_data.startswith("toy:") else data.GSM8K_PROMPTS
-    train_problems = load_problems(cfg.train_data, cfg.train_problems, cfg)
-    eval_problems = load_problems(cfg.eval_data, cfg.eval_problems, cfg)
-    base_path = base_checkpoint(cfg)
-    teacher_path = resolve_model(cfg.teacher) if cfg.teacher else None
-    for path in filter(None, [base_path, teacher_path]):
-        check_fits(path, train_problems + eval_problems, prompts, cfg)
+    done = stages_done(out)
+    prompts = prompts_for(cfg)
     if is_main():
         write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     teacher = load_policy(teacher_path, cfg, prompts) if teacher_path else None
@@ -683,12 +571,12 @@ def run(cfg: Config, resume: bool = False, given: set[str] = frozenset()) -> dic
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
 
     def evaluate_stage(name: str, path: Path):
-        if f"eval:{name}" in state:
+        if f"eval:{name}" in done:
             return
         result, runs = evaluate(load_policy(path, cfg, prompts), eval_problems, cfg, cfg.seed + 1000, name)
         metrics[name] = result
         files = {out / "eval" / f"{name}_{kind}.jsonl": data.episodes_to_jsonl(eps) for kind, eps in runs.items()}
-        finish_stage(out, state, f"eval:{name}", {**files, metrics_path: json.dumps(metrics, indent=1)})
+        finish_stage(out, done, f"eval:{name}", {**files, metrics_path: json.dumps(metrics, indent=1)})
         if is_main():
             tqdm.write(f"{name}: " + ", ".join(f"{key}@{cfg.turns} {100 * result[key][-1]['acc']:.1f}%"
                                                for key in ("p1", "pass", "m1", "maj")))
@@ -697,30 +585,32 @@ def run(cfg: Config, resume: bool = False, given: set[str] = frozenset()) -> dic
     policy_path = base_path
     for k in range(1, cfg.iterations + 1):
         it = out / f"iter{k}"
-        if f"collect:{k}" not in state:
+        if f"collect:{k}" not in done:
             policy = load_policy(policy_path, cfg, prompts)
             # "mixed": every other problem with the oracle's feedback, the rest with the neutral one
             plan = [(cfg.feedback, train_problems)] if cfg.feedback != "mixed" else \
                 [("oracle", train_problems[0::2]), ("neutral", train_problems[1::2])]
+            # N candidates at every turn (best-of-N); turn 1 may have its own count (official: 1)
+            first, later = cfg.first_samples or cfg.samples, cfg.samples
+            widths = [first] + [later] * (cfg.turns - 1)
             episodes = []
-            for feedback, problems in plan:
-                episodes += rollout_all(policy, problems, cfg, turns=cfg.turns, samples=cfg.samples,
-                                        feedback=feedback, teacher=teacher, seed=cfg.seed + 100 * k,
-                                        desc=f"iter {k}: collect ({feedback})", first_samples=cfg.first_samples)
+            for protocol, problems in plan:
+                episodes += rollout_all(policy, problems, cfg, widths, protocol, teacher, cfg.seed + 100 * k,
+                                        desc=f"iter {k}: collect ({protocol})")
             del policy
             weigh(episodes, cfg)
-            finish_stage(out, state, f"collect:{k}", {it / "trajectories.jsonl": data.episodes_to_jsonl(episodes)})
+            finish_stage(out, done, f"collect:{k}", {it / "trajectories.jsonl": data.episodes_to_jsonl(episodes)})
         barrier()
-        if f"train:{k}" not in state:
+        if f"train:{k}" not in done:
             policy = load_policy(policy_path, cfg, prompts, training=True)
             episodes = data.episodes_from_jsonl((it / "trajectories.jsonl").read_text())
             examples = data.training_examples(episodes, policy.tokenizer, prompts, policy.model.args.eos_ids,
                                               cfg.context)
             torch.manual_seed(cfg.seed + k)
-            stats = train(policy.model, examples, cfg, policy.tokenizer.pad_id, seed=cfg.seed + k,
+            stats = train(policy.model, examples, cfg, policy.tokenizer.pad_id, shuffle_seed=cfg.seed + k,
                           desc=f"iter {k}: train")
             save_policy(policy.model, it / "policy", base_path, cfg)
-            finish_stage(out, state, f"train:{k}", {it / "train.json": json.dumps(stats, indent=1)})
+            finish_stage(out, done, f"train:{k}", {it / "train.json": json.dumps(stats, indent=1)})
             del policy
         policy_path = it / "policy"
         evaluate_stage(f"iter{k}", policy_path)
@@ -755,16 +645,19 @@ def parse_args(argv=None) -> tuple[Config, bool, set[str]]:
 
 def main(argv=None):
     """The command: bad input ends in one message and exit status 2, before any work where it can."""
+    import checks  # settings, model lookup, run folder, resume: checked before the method runs
+    import report  # the table, metrics.png and report.html: for reading the results, not the method
+
     cfg, resume, given = parse_args(argv)
     cfg.device = init_distributed() or cfg.device
     start = time.time()
     try:
-        metrics = run(cfg, resume, given)
-    except (ConfigError, data.DataError, M.CheckpointError) as e:
+        cfg, base_path, teacher_path, train_problems, eval_problems = checks.prepare(cfg, resume, given)
+        metrics = run(cfg, base_path, train_problems, eval_problems, teacher_path)
+    except (checks.ConfigError, TrainingError, data.DataError, M.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if is_main():
-        import report  # the table, metrics.png and report.html: for reading the results, not the method
         print(f"\n{report.format_table(metrics)}\n")
         report.write_report(cfg.out)
         print(f"done in {(time.time() - start) / 60:.1f} min; results in {cfg.out}/ (metrics.json, metrics.png, "

@@ -3,7 +3,7 @@ toy.py -- the CPU toy that `python rise.py` runs with no arguments: a task, a to
 model, everything RISE needs to show its effect in minutes on a laptop. None of it is the method.
 
     python rise.py                      # builds the toy base once (cached in $RISE_CACHE), then runs RISE
-    python toy.py                       # only build (or find) the toy base and print its directory
+    python toy.py --problems DIR        # toy problems as .jsonl files, for a real model
 
 What is here, top to bottom:
   make_problems, splits    short multi-step arithmetic word problems with GSM8K-style solutions
@@ -133,7 +133,7 @@ def write_tokenizer(path: str | Path) -> Path:
     per word of the toy's text (words(), with and without a leading space) and for "####", and one per
     character for everything else, digits included, as Llama's tokenizer splits numbers into digits. Any
     text encodes (a misspelt word falls back to characters) and decodes back exactly. Words as tokens
-    halve the toy's sequences against one token per character, and with them the cost of every step (README).
+    halve the toy's sequences against one token per character, and with them the cost of every step.
     Readable by data.Tokenizer and transformers.AutoTokenizer alike, with identical ids."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -157,18 +157,11 @@ def write_tokenizer(path: str | Path) -> Path:
     return path
 
 
-# rise.py's defaults for the toy (`python rise.py` with no arguments); any flag still overrides them.
-# Chosen on the development split (toy:dev, README's variants tables): one sample at turn 1 and four
-# candidates after it, so that training sees the model's typical mistakes and their corrections, not only
-# the few problems all of four first samples miss; each episode goes on from its first candidate, an
-# ordinary sample, so later turns are trained as often as evaluation reaches them; states that hold only
-# the last attempt (the official code's), so every later turn looks like turn 2, where data is plentiful;
-# the oracle's feedback; two iterations of two epochs (a third, on 700 problems at the same cost, gained
-# on parallel sampling on dev only by giving up turn-1 accuracy: README, tenth round);
-# AWR at beta 0.25, so the wrong candidates (most of them repeats of the wrong answer) get almost no
-# weight; 1,000 training problems at lr 2e-4 (still far below pre-training's 2e-3). The time the toy's
-# word tokens freed (README, eleventh round) bought no setting that met every goal on every dev seed:
-# three iterations, 2,000 problems, five-turn base episodes with 2,000 problems were tried.
+# rise.py's defaults for the toy (`python rise.py` with no arguments); any flag still overrides them. Chosen
+# on the development split (toy:dev; the evidence is in docs/toy-experiments.md): one sample at turn 1, so
+# training sees the model's typical mistakes; each episode goes on from an ordinary sample and its state
+# holds only the last attempt, so every later turn looks like turn 2, where data is plentiful; beta 0.25
+# gives the wrong candidates (mostly repeats) almost no weight; lr 2e-4 moves a tiny model in two iterations.
 PRESET = dict(train_data="toy:train", eval_data="toy:test", train_problems=1000, eval_problems=500,
               samples=4, first_samples=1, keep="first", context="last", iterations=2, feedback="oracle",
               max_new_tokens=40, beta=0.25, lr=2e-4, epochs=2, batch_size=64, micro_batch=32, rows_per_batch=512,
@@ -199,14 +192,13 @@ class Recipe:
     max_value: int = 30  # every number in a problem is at most this (make_problems)
     p_right: float = 0.4
     p_repeat: float = 0.6
-    # attempts per episode at most: two, since the toy's states (PRESET's context "last") show one attempt
-    # at every later turn; a five-turn base takes 7.5 min to build here, a two-turn one 4.3 (README); a
-    # run with --context all would meet longer states than the base ever saw
+    # attempts per episode at most: PRESET's states (context "last") show one earlier attempt at every later
+    # turn, so two suffice; a run with --context all meets longer states than the base ever saw
     turns: int = 2
     arithmetic_steps: int = 700  # optimizer steps of phase 1
     episode_steps: int = 250  # optimizer steps of phase 2
     batch_size: int = 64
-    micro_batch: int = 32  # the same steps in half batches: less padding, 5-15% faster per step here (README)
+    micro_batch: int = 32  # the same steps in half batches: less padding, so faster per step
     lr: float = 2e-3
     dim: int = 128
     n_layers: int = 4
@@ -253,8 +245,8 @@ def slip(solution: str, rng: random.Random) -> str:
     return "\n".join(out + [f"#### {value}"])
 
 
-def episode(problem: data.Problem, recipe: Recipe, rng: random.Random) -> list[dict]:
-    """One synthetic episode of the noisy student (chat messages), under the oracle or neutral protocol."""
+def student_messages(problem: data.Problem, recipe: Recipe, rng: random.Random) -> list[dict]:
+    """The chat messages of one synthetic episode of the noisy student, under the oracle or neutral protocol."""
     feedback = rng.choice(["oracle", "neutral"])
     attempts = []
     for _ in range(recipe.turns):
@@ -286,11 +278,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RISE_CACHE", "~/.cache/rise")).expanduser()
 
 
-def build_base(recipe: Recipe | None = None, cache: Path | None = None) -> Path:
+def build_base(pretrain, recipe: Recipe | None = None, cache: Path | None = None) -> Path:
     """The toy base checkpoint: a tiny Llama trained from scratch (see Recipe), saved in Hugging Face
-    format and loaded back like any checkpoint. Built once per recipe and toy prompts (Recipe.key), then cached."""
-    import rise  # the base is pre-trained with rise.train (weight 1 on every example)
-
+    format and loaded back like any checkpoint. Built once per recipe and toy prompts (Recipe.key), then cached.
+    pretrain(model, examples, settings, pad_id, seed, desc) is rise.py's training loop with the given
+    settings (checks.pretrain): every example at weight 1, so the loop is plain fine-tuning."""
     recipe = recipe or Recipe()
     path = (cache or cache_dir()) / f"toy-base-{recipe.key()}"
     if (path / "config.json").is_file():
@@ -310,14 +302,14 @@ def build_base(recipe: Recipe | None = None, cache: Path | None = None) -> Path:
     draw = lambda n: [problems[rng.randrange(len(problems))] for _ in range(n)]  # noqa: E731
     phases = [("arithmetic", recipe.arithmetic_steps,
                lambda p: data.state_messages(p, [], data.TOY_PROMPTS) + [{"role": "assistant", "content": p.answer}]),
-              ("noisy episodes", recipe.episode_steps, lambda p: episode(p, recipe, rng))]
+              ("noisy episodes", recipe.episode_steps, lambda p: student_messages(p, recipe, rng))]
     stats = {}
     for name, steps, make in phases:
         examples = [all_turns_example(tokenizer, make(p), args.eos_ids) for p in draw(steps * recipe.batch_size)]
-        # float32: at this width bf16 autocast's casts cost more than its matrix units save (README)
-        cfg = rise.Config(lr=recipe.lr, epochs=1, batch_size=recipe.batch_size, micro_batch=recipe.micro_batch,
-                          warmup=0.05, weight_decay=0.1, amp=False)
-        stats[name] = rise.train(model, examples, cfg, tokenizer.pad_id, seed=recipe.seed, desc=f"toy base: {name}")
+        # float32: at this width bf16 autocast's casts cost more than its matrix units save
+        settings = dict(lr=recipe.lr, epochs=1, batch_size=recipe.batch_size, micro_batch=recipe.micro_batch,
+                        warmup=0.05, weight_decay=0.1, amp=False)
+        stats[name] = pretrain(model, examples, settings, tokenizer.pad_id, recipe.seed, f"toy base: {name}")
     M.save(model, path, tokenizer_dir=tok_dir)
     (path / "recipe.json").write_text(json.dumps({**dataclasses.asdict(recipe), **stats}, indent=1))
     shutil.rmtree(tok_dir, ignore_errors=True)
@@ -326,7 +318,7 @@ def build_base(recipe: Recipe | None = None, cache: Path | None = None) -> Path:
 
 def write_problems(folder: str | Path, sizes: dict[str, int], seed: int = 1, **difficulty) -> Path:
     """train/dev/test .jsonl files of toy problems (one {"question", "answer"} per line, GSM8K's format) for
-    rise.py's --train-data and --eval-data: the SmolLM2 recipe in README uses one-step problems."""
+    rise.py's --train-data and --eval-data: the SmolLM2 recipe (docs/smollm2.md) uses one-step problems."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sets = splits(sizes["train"], sizes["test"], seed, n_dev=sizes["dev"], **difficulty)
@@ -338,16 +330,13 @@ def write_problems(folder: str | Path, sizes: dict[str, int], seed: int = 1, **d
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description="Build (or find) the toy base and print its folder; with "
-                                     "--problems, write toy problems as .jsonl files for a real model instead.")
-    parser.add_argument("--problems", metavar="FOLDER", help="write FOLDER/{train,dev,test}.jsonl")
+    parser = argparse.ArgumentParser(description="Write toy problems as .jsonl files, for a real model. (The toy "
+                                     "base is built by `python rise.py`, which caches it.)")
+    parser.add_argument("--problems", metavar="FOLDER", required=True, help="write FOLDER/{train,dev,test}.jsonl")
     parser.add_argument("--steps", type=int, default=1, help="operations per problem (with --problems)")
     parser.add_argument("--max-value", type=int, default=20, help="bound on every number (with --problems)")
     parser.add_argument("--ops", default="+-", help="operations, from '+-*' (with --problems)")
     parser.add_argument("--sizes", type=int, nargs=3, default=[2000, 500, 500], metavar=("TRAIN", "DEV", "TEST"))
     args = parser.parse_args()
-    if args.problems:
-        sizes = dict(zip(["train", "dev", "test"], args.sizes))
-        print(write_problems(args.problems, sizes, steps=args.steps, max_value=args.max_value, ops=args.ops))
-    else:
-        print(build_base())
+    sizes = dict(zip(["train", "dev", "test"], args.sizes))
+    print(write_problems(args.problems, sizes, steps=args.steps, max_value=args.max_value, ops=args.ops))

@@ -30,7 +30,7 @@ def main():
     policy = test_scale.load_toy_policy(checkpoint)
     if mode in ("awr", "fsdp"):
         cfg = test_scale.awr_config(fsdp=mode == "fsdp", device=device)
-        stats = rise.train(policy.model, test_scale.awr_batch(policy), cfg, policy.tokenizer.pad_id, seed=0)
+        stats = rise.train(policy.model, test_scale.awr_batch(policy), cfg, policy.tokenizer.pad_id, shuffle_seed=0)
         state = None
         if cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -42,8 +42,8 @@ def main():
             save_file({k: v.detach().contiguous() for k, v in state.items()}, out)
             out.with_suffix(".json").write_text(json.dumps(stats))
     elif mode == "rollout":
-        episodes = rise.rollout_all(policy, test_scale.rollout_problems(), test_scale.rollout_config(), turns=2,
-                                    samples=2, feedback="oracle", seed=7)
+        episodes = rise.rollout_all(policy, test_scale.rollout_problems(), test_scale.rollout_config(), [2, 2],
+                                    "oracle", sampling_seed=7)
         if rise.is_main():
             out.write_text(data.episodes_to_jsonl(episodes))
     else:

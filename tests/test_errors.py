@@ -36,9 +36,10 @@ def assert_user_error(done: subprocess.CompletedProcess, *names: str) -> str:
 @pytest.fixture(scope="module")
 def toy_base() -> Path:
     sys.path.insert(0, str(ROOT))
+    import checks
     import toy
 
-    return toy.build_base(toy.recipe(40))
+    return toy.build_base(checks.pretrain, toy.recipe(40))
 
 
 @pytest.fixture(scope="module")

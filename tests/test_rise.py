@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+import checks
 import data
 import model as M
 import rise
@@ -157,7 +158,7 @@ def test_tiny_run_writes_a_checkpoint_both_load(tmp_path):
                                    add_special_tokens=False)])
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max() <= 1e-4
-    base = M.load(toy.build_base(toy.recipe(40)), device="cpu")
+    base = M.load(toy.build_base(checks.pretrain, toy.recipe(40)), device="cpu")
     assert not torch.equal(base(ids), ours(ids))  # training changed the policy
 
 
@@ -196,9 +197,8 @@ def test_rise_distill_the_teacher_writes_turns_2_to_T(toy_policy):
     teacher.model.load_state_dict(student.model.state_dict())
     problems = toy.make_problems(6, seed=1)
     cfg = rise.Config(max_new_tokens=12, temperature=1.0, device="cpu")
-    kwargs = dict(turns=3, samples=2, feedback="neutral", seed=0)
-    distilled = rise.rollout(student, problems, cfg, teacher=teacher, **kwargs)
-    alone = rise.rollout(student, problems, cfg, **kwargs)
+    distilled = rise.rollout(student, problems, cfg, [2, 2, 2], "neutral", teacher=teacher)
+    alone = rise.rollout(student, problems, cfg, [2, 2, 2], "neutral")
     texts = lambda episodes, t: [c.text for ep in episodes for c in ep.turns[t]]  # noqa: E731
     assert all(len(ep.turns) == 3 for ep in distilled)
     assert texts(distilled, 0) == texts(alone, 0) and any(texts(alone, 0))  # turn 1: the policy's own
@@ -215,8 +215,8 @@ def test_one_sample_at_turn_1_then_best_of_n_continues_from_it(toy_policy):
         torch.nn.init.normal_(p, std=0.1)
     problems = toy.make_problems(4, seed=2)
     cfg = rise.Config(max_new_tokens=10, temperature=0.0, device="cpu")
-    wide = rise.rollout(policy, problems, cfg, turns=3, samples=3, first_samples=1, feedback="neutral")
-    narrow = rise.rollout(policy, problems, cfg, turns=3, samples=1, feedback="neutral")
+    wide = rise.rollout(policy, problems, cfg, [1, 3, 3], "neutral")
+    narrow = rise.rollout(policy, problems, cfg, [1, 1, 1], "neutral")
     assert all([len(turn) for turn in ep.turns] == [1, 3, 3] for ep in wide)
     for w, n in zip(wide, narrow):
         assert [[c.text for c in turn] for turn in w.turns] == [[c.text for c in turn] * len(wt)
@@ -231,8 +231,7 @@ def test_keep_first_goes_on_from_the_first_candidate_even_when_another_is_right(
     for keep, chosen in [("best", [1]), ("first", [0, 0, 0])]:
         rewards = iter([0.0, 1.0, 0.0, 1.0] * 3)  # the scores of the candidates, in sampling order
         monkeypatch.setattr(rise, "score", lambda p, text: Candidate(text, None, next(rewards)))
-        episode, = rise.rollout(toy_policy, [problem], dataclasses.replace(cfg, keep=keep), turns=3, samples=4,
-                                feedback="oracle")
+        episode, = rise.rollout(toy_policy, [problem], dataclasses.replace(cfg, keep=keep), [4, 4, 4], "oracle")
         assert episode.chosen == chosen
         assert all([c.reward for c in turn] == [0.0, 1.0, 0.0, 1.0] for turn in episode.turns)
 

@@ -13,6 +13,7 @@ import transformers
 from safetensors.torch import load_file
 
 import bench
+import checks
 import data
 import model as M
 import rise
@@ -89,7 +90,7 @@ def test_one_awr_step_on_two_ranks_equals_one_process(toy_checkpoint, tmp_path, 
 
     policy = load_toy_policy(toy_checkpoint)
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
-    stats = rise.train(policy.model, awr_batch(policy), awr_config(), policy.tokenizer.pad_id, seed=0)
+    stats = rise.train(policy.model, awr_batch(policy), awr_config(), policy.tokenizer.pad_id, shuffle_seed=0)
     single = policy.model.state_dict()
     # the loss is the same weighted mean over the whole batch (AdamW's first step hides a gradient's
     # scale, so this is what shows that each rank's share was scaled right)
@@ -112,8 +113,7 @@ def test_rollouts_of_two_ranks_are_the_union_of_their_shards(toy_checkpoint, tmp
         for r in range(2):  # each rank's work alone, in this one process
             monkeypatch.setattr(rise, "rank", lambda r=r: r)
             monkeypatch.setattr(rise, "world_size", lambda: 2)
-            per_rank.append(rise.rollout_all(policy, problems, rollout_config(), turns=2, samples=2,
-                                             feedback="oracle", seed=7))
+            per_rank.append(rise.rollout_all(policy, problems, rollout_config(), [2, 2], "oracle", sampling_seed=7))
     finally:
         torch.set_num_threads(threads)
     assert [len(p) for p in per_rank] == [4, 3]
@@ -150,7 +150,7 @@ def test_lora_trains_only_adapters_and_the_merged_checkpoint_loads_in_transforme
                       amp=False, device="cpu")
     policy = load_toy_policy(toy_checkpoint, cfg, training=True)
     base = {k: v.clone() for k, v in policy.model.state_dict().items() if ".lora_" not in k}
-    rise.train(policy.model, awr_batch(policy), cfg, policy.tokenizer.pad_id, seed=0)
+    rise.train(policy.model, awr_batch(policy), cfg, policy.tokenizer.pad_id, shuffle_seed=0)
     after = policy.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in base.items())  # the base weights are frozen
     assert any(after[k].abs().max() > 0 for k in after if k.endswith("lora_B"))  # the adapters moved
@@ -213,7 +213,7 @@ def test_a_whole_tiny_lora_run_saves_adapters_and_a_merged_policy(tmp_path):
     assert adapters and all(".lora_" in k for k in adapters)
     assert any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_B"))  # trained
     policy = M.load(it / "policy", device="cpu")
-    base = M.load(toy.build_base(toy.recipe(40)), device="cpu")
+    base = M.load(toy.build_base(checks.pretrain, toy.recipe(40)), device="cpu")
     merged, original = policy.state_dict(), base.state_dict()
     assert set(merged) == set(original)  # merged: a plain checkpoint with the base's keys
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
@@ -231,4 +231,4 @@ def test_bench_estimate_memory_plans_a_7b_run_from_its_config_alone(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "memory estimate per cuda device (7.24B parameters" in done.stdout
-    assert "rollouts: 38.0 GiB" in done.stdout and "training: 22.8 GiB" in done.stdout  # README's table
+    assert "rollouts: 38.0 GiB" in done.stdout and "training: 22.8 GiB" in done.stdout  # docs/gpu.md's table

@@ -84,8 +84,8 @@ def test_bfloat16_logits_match_transformers_in_bfloat16(smollm2_dir, ours, refer
 
 
 def test_rise_runs_end_to_end_on_smollm2(smollm2_dir, tmp_path, monkeypatch):
-    """rise.run on the real checkpoint, found by name as a user finds it: 2 turns, 4 problems of README's
-    SmolLM2 task, in the precision rise picks for this CPU."""
+    """rise.run on the real checkpoint, found by name as a user finds it: 2 turns, 4 problems of the
+    SmolLM2 task (docs/smollm2.md), in the precision rise picks for this CPU."""
     monkeypatch.setenv("RISE_CACHE", str(smollm2_dir.parent.parent))  # tests/smollm2.py builds <cache>/models/
     monkeypatch.delenv("RISE_MODELS", raising=False)
     problems = toy.write_problems(tmp_path / "arith", {"train": 4, "dev": 0, "test": 4}, steps=1, max_value=20)

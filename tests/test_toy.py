@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+import checks
 import data
 import rise
 import toy
@@ -67,14 +68,14 @@ def test_toy_splits_are_disjoint():
     assert split == toy.splits(2000, 200, seed=5, n_dev=100, steps=3)
     assert all(len(p.answer.split("\n")) == 4 for p in test)
     # rise.py's "toy:test" is the held-out split the toy base was built with
-    assert rise.load_problems("toy:test", None, rise.Config()) == toy.splits(20_000, 500, seed=0, max_value=30)["test"]
-    assert rise.load_problems("toy:dev", 50, rise.Config()) == toy.splits(20_000, 500, 0, 500, max_value=30)["dev"][:50]
+    assert checks.load_problems("toy:test", None, rise.Config()) == toy.splits(20_000, 500, seed=0, max_value=30)["test"]
+    assert checks.load_problems("toy:dev", 50, rise.Config()) == toy.splits(20_000, 500, 0, 500, max_value=30)["dev"][:50]
 
 
 def test_base_cache_key_changes_with_the_recipe_and_the_toy_prompts(monkeypatch):
     """A cached base is reused only for the recipe, the prompts and the tokenizer it was built with: the
-    feedback and the words are part of the base's training episodes (README: before the eighth round it
-    did not restate the question, before the eleventh it had one token per character)."""
+    feedback and the words are part of the base's training episodes, so a base built with other prompts or
+    other tokens must never be reused (docs/toy-experiments.md)."""
     key = toy.Recipe().key()
     assert toy.Recipe().key() == key
     assert toy.Recipe(p_repeat=0.5).key() != key
