@@ -64,6 +64,9 @@ def read_problems(path: str | Path, id_prefix: str) -> list[Problem]:
     """Problems of a .jsonl file, one JSON object a line, with either GSM8K's fields (question, answer)
     or MATH's (problem, solution). Blank lines are skipped; anything else malformed is an error."""
     path = Path(path)
+    if path.is_dir() or path.is_symlink() and not path.exists():
+        what = "a folder" if path.is_dir() else "a link that leads nowhere (or in a loop)"
+        raise DataError(f"{path}: {what}, not a .jsonl file; pass the file itself")
     if not path.is_file():
         raise MissingDataError(f"{path}: no such file. Set RISE_DATA_DIR to the folder holding gsm8k/train.jsonl, "
                                f"gsm8k/test.jsonl and math/test.jsonl (now {data_dir()}), or pass the .jsonl path.")
@@ -279,14 +282,6 @@ def state_messages(problem: Problem, attempts: list[str], prompts: Prompts = GSM
     for attempt in (attempts if context == "all" else attempts[-1:]):
         messages += [{"role": "assistant", "content": attempt}, {"role": "user", "content": reply}]
     return messages
-
-
-def longest_first_turn(tokenizer, problems: list[Problem], prompts: Prompts) -> tuple[int, Problem]:
-    """(tokens, problem) of the longest state s_1, found among the 8 longest questions by characters (a
-    question's tokens grow with its characters; tokenizing every question of GSM8K would take a while)."""
-    longest = sorted(problems, key=lambda p: len(p.question))[-8:]
-    return max(((len(render_state(tokenizer, state_messages(p, [], prompts))), p) for p in longest),
-               key=lambda pair: pair[0])
 
 
 def stop_strings(tokenizer) -> tuple[str, ...]:

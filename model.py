@@ -413,14 +413,16 @@ class KVCache:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """One token id per row of (B, vocab) logits: greedy at temperature 0, else nucleus sampling."""
-    if temperature == 0:
+    """One token id per row of (B, vocab) logits: greedy at temperature 0 (or below 1e-4), else nucleus
+    sampling."""
+    if temperature < 1e-4:  # greedy, save for exact ties, and logits / temperature could overflow to NaN
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # drop a token when the tokens strictly more likely than it already reach top_p
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop[:, 0] = False  # the likeliest token always stays, however small top_p (1e-46 rounds to 0 in float32)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
     # inverse CDF: one uniform number per row (torch.multinomial draws one per vocabulary entry, the most
     # expensive step of CPU decoding with a 49k vocabulary); right=True never lands on a zero-probability token
@@ -603,6 +605,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None)
     for file in weight_files(Path(path)):
         with open_weights(file) as f:
             state.update({name: f.get_tensor(name).to(device, dtype) for name in f.keys()})
+    broken = [name for name, tensor in state.items() if not tensor.isfinite().all()]
+    if broken:
+        raise CheckpointError(f"{path}: weights {broken[:5]} hold NaN or infinite values in {dtype}; the checkpoint "
+                              "is damaged (or too large for this dtype)")
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 

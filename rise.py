@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+import safetensors.torch
 from tqdm.auto import tqdm
 
 import data
@@ -105,7 +105,7 @@ class Config:
     fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimizer state (FSDP) instead of DDP")
     amp: bool | None = opt(None, "bfloat16 autocast in training (none: on for CUDA and bf16-capable CPUs)", resume=True)
     rows_per_batch: int = opt(64, "sequences sampled together per generate call (memory vs speed)", min=1, resume=True)
-    seed: int = opt(0, "seeds sampling, shuffling and the toy's data")
+    seed: int = opt(0, "seeds sampling, shuffling and the toy's data", min=0, max=2**32)
     toy_pretrain_steps: int | None = opt(None, "steps of each phase of the toy base's pre-training (toy.Recipe)", min=1)
     dtype: str | None = opt(None, "rollout weights (none: bfloat16 on GPUs and bf16-capable CPUs, else float32)",
                             choices=["float32", "bfloat16", "float16"])
@@ -448,12 +448,16 @@ def evaluate(policy: Policy, problems: list[data.Problem], cfg: Config, sampling
 # --------------------------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that a reader (or a resumed run) sees the old or the new content, never half."""
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write a file so that a reader (or a resumed run) sees the old or the new content, never half; if
+    writing fails (a full disk), no temporary file is left behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def finish_stage(out: Path, done: list[str], stage: str, files: dict[Path, str]) -> None:
@@ -541,7 +545,7 @@ def save_policy(model: M.Transformer, path: Path, base_path: Path, cfg: Config) 
         M.save(model, path, tokenizer_dir=base_path, state_dict=state,
                dtype=getattr(torch, cfg.dtype or ("bfloat16" if fast_bf16(cfg) else "float32")))
         if adapters:
-            save_file(adapters, path.parent / "adapter.safetensors")
+            write_atomic(path.parent / "adapter.safetensors", safetensors.torch.save(adapters))
     barrier()
 
 
@@ -656,6 +660,10 @@ def main(argv=None):
         metrics = run(cfg, base_path, train_problems, eval_problems, teacher_path)
     except (checks.ConfigError, TrainingError, data.DataError, M.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (OSError, safetensors.SafetensorError) as e:  # a full disk, a folder that cannot be written
+        print(f"error: {e}; free some space (or fix the folder), then run the command again with --resume "
+              "(finished stages are kept)", file=sys.stderr)
         raise SystemExit(2) from None
     if is_main():
         print(f"\n{report.format_table(metrics)}\n")

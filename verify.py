@@ -17,12 +17,16 @@ calculation ("16 - 3 - 4 = 9", GSM8K's "<<16-3-4=9>>") in exact rational arithme
 Conventions (decided here, tested in tests/test_verify.py):
 - The LAST answer by position wins, among `\\boxed{}`, `#### N`, "The answer is N" and "Final answer: N". Only if
   there is none, the last number of the text counts (lm-evaluation-harness's "flexible" GSM8K match), unless
-  strict=True.
+  strict=True. An answer stated as a calculation is its result ("the answer is 16 - 3 - 4 = 9", "\\boxed{16-3-4=9}":
+  9); two numbers joined by "or"/"and" ("5 or 6", "between 5 and 6") are a hedge, kept whole, equal to no number.
 - Numbers compare exactly as Fractions, ignoring `$`, `%`, thousands commas, a trailing period or units word
   and a leading "x =": "18.00" == "18", "$1,000.50" == "1000.5", "0.5" == "1/2" == "\\frac{1}{2}", "5%" == "5"
-  (GSM8K writes percentages without the sign, so `%` is dropped rather than read as /100).
+  (GSM8K writes percentages without the sign, so `%` is dropped rather than read as /100). Also "5e2" == 500
+  (exactly: "1e309" is 10^309), "1 000" == "1000" (spaces, thin or not, between groups of three), "€18" == "EUR 18"
+  == "18" (€, £, ¥, ₹, USD, EUR, GBP read as `$`), "٤٢" == "４２" == "42" (any Unicode digits), "\\sqrt5" == "\\sqrt{5}".
 - A comma is a thousands separator only in groups of three ("2,125"). "1,5" is not guessed to be 1.5 or 15: it is
-  not a number, and compares only as a string. Numbers over 1,000 characters are likewise strings only.
+  not a number, and compares only as a string. Numbers over 1,000 characters, or with an exponent over 3
+  digits, are likewise strings only.
 - Anything else (MATH's "x^2+1", "(A)") compares as a string with spacing, `$`, `\\left`/`\\right`, `\\!` and
   `\\text{}` wrappers removed.
 - A number given instead of text (`reward(response, 5)`, a reference of 2.5) is that number exactly; any other
@@ -33,6 +37,7 @@ input (a 1 MB input takes well under a second).
 
 import operator
 import re
+import unicodedata
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -45,15 +50,32 @@ MAX_STEPS = 1000  # a real solution states a few dozen calculations at most
 # Finding the final answer of a response
 # ---------------------------------------------------------------------------------------------------------
 
-# A number as models write it: sign, "$", digits with commas, decimals, "a/b", "%". Loose on purpose (to_number
-# decides what it means). A sign right after a digit or a word is a minus, not part of the number ("10-3", "x - 3").
+# Text is read with its Unicode digits as ASCII ones ("４２", "٤٢"; all lie below U+20000), odd spaces (thin,
+# no-break) as spaces, and currency symbols and codes as "$" ("€18", "18£", "EUR 18"): one form each, so that no
+# pattern below needs more. A translation table, and a regex led by the codes' letters (not in a word: "EURO" is
+# no code), since a regex that tests every character is several times slower on a long text.
+_PLAIN_CHARS = {ord(c): str(unicodedata.decimal(c)) if c.isdecimal() else " "
+                for c in map(chr, range(128, 0x20000)) if c.isdecimal() or c.isspace()}
+_PLAIN_CHARS |= dict.fromkeys(map(ord, "€£¥₹"), "$")
+_CURRENCY_CODE = re.compile(r"(?:USD|EUR|GBP)(?<![A-Za-z]...)(?![A-Za-z]) ?")
+# thousands separated by spaces: "1 000 000" (only groups of three, so that "3 4" or "5 60" stay two numbers)
+_SPACED = r"[0-9]{1,3}(?: [0-9]{3})+(?![0-9])"
+# A number as models write it: sign, "$", digits with commas or spaces, decimals, "e-3", "a/b", "%". Loose on
+# purpose (to_number decides what it means). An "e" is an exponent only before a digit ("5 eggs" is 5).
+# A sign right after a digit or a word is a minus, not part of the number ("10-3", "x - 3").
 _SIGN = r"(?:[-+−](?<![0-9A-Za-z)\]][-+−])(?<![0-9)\]] [-+−]))?"
-_LOOSE_NUMBER = (_SIGN + r"(?:\\?\$ ?)?(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)"
+_LOOSE_NUMBER = (_SIGN + rf"(?:\\?\$ ?)?(?:(?:{_SPACED}|[0-9][0-9,]*)(?:\.[0-9]+)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
                  r"(?: ?/ ?[0-9][0-9,]*(?:\.[0-9]+)?)?(?: ?\\?%)?")
 _TEX_FRACTION = r"[-+−]?\\[dt]?frac ?\{[^{}]{1,60}\} ?\{[^{}]{1,60}\}"
-_CAPTURE = rf"({_TEX_FRACTION}|{_LOOSE_NUMBER})"
-# what may sit between "answer is" and the number: spaces, **bold**, $math$, \text{...}
-_MARKUP = r"(?:[\s*_$]|\\\(|\\\[|\\text\{|\\textbf\{|\\mathbf\{){0,8}"
+_VALUE = rf"(?:{_TEX_FRACTION}|{_LOOSE_NUMBER})"
+# "16 - 3 - 4 = 9": a calculation whose result, after its last "=", is the answer (at most 200 characters, so
+# that finding its last "=" stays cheap)
+_CALCULATION = r"[-−]?[0-9(](?:[-+−*/×÷·^()0-9 =$]|[.,](?=[0-9])|[eE](?=[-+]?[0-9])|\\(?:times|cdot|div)){0,200}= ?"
+# Two numbers joined by "or" or "and" ("5 or 6", "between 5 and 6") are a hedge: captured whole, they are no
+# number and equal no single answer. "5/6" is a fraction, not a hedge.
+_CAPTURE = rf"((?:{_CALCULATION})?{_VALUE}(?: {{1,3}}(?:or|and) {{1,3}}{_VALUE})?)"
+# what may sit between "answer is" and the number: spaces, **bold**, $math$, \text{...}, "either", "between"
+_MARKUP = r"(?:[\s*_$]|\\\(|\\\[|\\text\{|\\textbf\{|\\mathbf\{|either |between ){0,8}"
 
 
 def _nested_braces(depth: int) -> str:
@@ -69,7 +91,8 @@ def _nested_braces(depth: int) -> str:
 _BOXED = re.compile(r"\\(?:boxed|fbox) {0,3}\{(" + _nested_braces(6) + r")\}")
 _PHRASE = re.compile(r"(?i:answer)(?:\s{0,3}(?i:is|was|=|:|will\s{1,3}be)){0,2}" + _MARKUP + _CAPTURE)
 _HASHES = re.compile(r"####" + _MARKUP + _CAPTURE)
-_ANY_NUMBER = re.compile(f"{_TEX_FRACTION}|{_LOOSE_NUMBER}")
+_ANY_NUMBER = re.compile(_VALUE)
+_RESULT = re.compile(rf"{_CALCULATION}({_VALUE})")
 
 
 def _as_text(value, name: str) -> str:
@@ -84,8 +107,19 @@ def _as_text(value, name: str) -> str:
     raise TypeError(f"{name} must be text or a number, not {type(value).__name__} {value!r:.60}")
 
 
+def _plain(text: str) -> str:
+    """The text with plain digits, spaces and "$" (see _PLAIN_CHARS). It costs a pass over the text, so it is done
+    where text comes in (responses, references) and in _strip_markup, not on every call."""
+    return _CURRENCY_CODE.sub("$", text if text.isascii() else text.translate(_PLAIN_CHARS))
+
+
 def _tidy(answer: str) -> str:
-    return answer.strip().rstrip(",").strip()
+    """An answer without its surrounding spaces and comma, nested boxes ("\\boxed{\\boxed{7}}" is 7), or the
+    calculation it is the result of ("16 - 3 - 4 = 9" is 9)."""
+    answer = answer.strip().rstrip(",").strip()
+    while m := _BOXED.fullmatch(answer) or _RESULT.fullmatch(answer):
+        answer = m.group(1).strip()
+    return answer
 
 
 def extract_answer(text: str, strict: bool = False) -> str | None:
@@ -93,7 +127,7 @@ def extract_answer(text: str, strict: bool = False) -> str | None:
 
     The last of `\\boxed{}`, `#### N`, "the answer is N", "final answer: N" counts; with none of those, the last
     number in the text, unless `strict` (then None)."""
-    text = _as_text(text, "response")
+    text = _plain(_as_text(text, "response"))
     # group 1 of each pattern is the answer: the content of a complete \boxed{}, or the number after the phrase
     candidates = [(m.start(1), _tidy(m.group(1))) for pattern in (_BOXED, _PHRASE, _HASHES)
                   for m in pattern.finditer(text)]
@@ -109,11 +143,11 @@ def extract_answer(text: str, strict: bool = False) -> str | None:
 def parse_reference(reference: str) -> str | None:
     """The final answer of a reference: the text after GSM8K's last `####`, else the last \\boxed{} of a MATH
     solution, else the reference itself (a bare answer such as "2,125" or "\\frac{1}{2}", or a number: 5, 2.5)."""
-    reference = _as_text(reference, "reference")
+    reference = _plain(_as_text(reference, "reference"))
     if "####" in reference:
         answer = reference.rpartition("####")[2].strip().partition("\n")[0].strip()
     elif boxes := _BOXED.findall(reference):
-        answer = boxes[-1].strip()
+        answer = _tidy(boxes[-1])
     else:
         answer = reference.strip()
     return answer or None
@@ -129,33 +163,40 @@ _MARKUP_REPLACEMENTS = [("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""
                         ("\\$", ""), ("$", ""), ("\\%", "%"), ("−", "-"), ("\\dfrac", "\\frac"),
                         ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("**", ""),
                         ("\\displaystyle", "")]
+# LaTeX's one-digit arguments: "\\sqrt5" is \\sqrt{5}, "\\frac12" is \\frac{1}{2}
+_TEX_SHORTHAND = [(re.compile(r"\\sqrt *([0-9])"), r"\\sqrt{\1}"),
+                  (re.compile(r"\\frac *([0-9]) *([0-9])"), r"\\frac{\1}{\2}")]
 
 
 def _strip_markup(answer: str) -> str:
-    """Remove what does not change an answer's meaning: LaTeX spacing and sizing, $ signs, \\text{} wrappers,
-    control characters."""
-    answer = _WRAPPER.sub(r" \1 ", _CONTROL.sub("", answer))
+    """Remove what does not change an answer's meaning: LaTeX spacing and sizing, $ signs and currencies,
+    \\text{} wrappers, control characters, the form of digits."""
+    answer = _WRAPPER.sub(r" \1 ", _CONTROL.sub("", _plain(answer)))
     for old, new in _MARKUP_REPLACEMENTS:
         answer = answer.replace(old, new)
+    for pattern, new in _TEX_SHORTHAND:
+        answer = pattern.sub(new, answer)
     return answer.strip().rstrip(".").strip()
 
 
-# Integers: "2,125" (commas in groups of three only), "18"; decimals: also "18.00", "18.", ".5"
+# Integers: "2,125" (commas in groups of three only), "18"; decimals: also "1 000", "18.00", "18.", ".5", "2.5e-3"
+# (an exponent of at most three digits, so that the value's digits stay well within what str() of an int allows)
 _INTEGER = r"(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)"
-_DECIMAL = _INTEGER + r"(?:\.[0-9]*)?|\.[0-9]+"
+_DECIMAL = rf"(?:(?:{_SPACED}|{_INTEGER})(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{{1,3}})?"
 _NUMBER = re.compile(
     rf"(?:[A-Za-z]\s*=\s*)?([-+]?)\s*"                                    # "x = ", sign
     rf"(?:({_DECIMAL})(?:\s*/\s*({_DECIMAL}))?"                          # 18, 1,000.50, 1/2
-    rf"|\\frac\s*\{{\s*([-+]?\s*(?:{_DECIMAL}))\s*\}}\s*\{{\s*([-+]?\s*(?:{_DECIMAL}))\s*\}}"  # \frac{1}{2}
-    rf"|\\frac([0-9])([0-9]))"                                            # \frac12
+    rf"|\\frac\s*\{{\s*([-+]?\s*(?:{_DECIMAL}))\s*\}}\s*\{{\s*([-+]?\s*(?:{_DECIMAL}))\s*\}})"  # \frac{1}{2}
     r"\s*%?(?:\s+(?!pi\b)[A-Za-z]{2,}(?:\s+[A-Za-z]+){0,3})?")           # 5%, "18 dollars", "5 cm"
 
 
 def _decimal(text: str) -> Fraction:
-    """Exact value of a validated decimal string: "1,000.50" -> 2001/2, "-18 000" -> -18000. No floats."""
-    text = text.replace(",", "").replace(" ", "")
+    """Exact value of a validated decimal string: "1,000.50" -> 2001/2, "-18 000" -> -18000, "1e309" -> 10^309.
+    No floats."""
+    text, _, exponent = text.replace(",", "").replace(" ", "").lower().partition("e")
     whole, _, decimals = text.lstrip("+-").partition(".")
-    value = Fraction(int(whole + decimals or "0"), 10 ** len(decimals))  # "1000.50" is 100050 / 10^2
+    # "1000.50" is 100050 / 10^2, "2.5e-3" is 25 / 10^1 * 10^-3
+    value = Fraction(int(whole + decimals or "0"), 10 ** len(decimals)) * Fraction(10) ** int(exponent or "0")
     return -value if text.startswith("-") else value
 
 
@@ -249,7 +290,7 @@ _DANGLING = re.compile(r"[-+*/^×÷·x](?![0-9.(])|[+*/^×÷·x]")  # an operato
 _TO_ASCII = str.maketrans({"×": "*", "x": "*", "·": "*", "÷": "/", "−": "-", "–": "-",  # en dash: GSM8K's minus
                            "[": "(", "]": ")", "$": " "})
 # a number, thousands separated by commas or by spaces ("18 000"), and its decimals
-_LEADING_NUMBER = re.compile(r"\s*([-+]?)\s*((?:[0-9]{1,3}(?: [0-9]{3})+(?![0-9])|" + _INTEGER + r")(?:\.([0-9]+))?)")
+_LEADING_NUMBER = re.compile(rf"\s*([-+]?)\s*((?:{_SPACED}|{_INTEGER})(?:\.([0-9]+))?)")
 _LEADING_ZEROS = {f"0{d}" for d in range(10)}
 
 

@@ -11,6 +11,7 @@ episodes as JSON lines).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,10 @@ def main():
         raise SystemExit(f"unknown mode {mode}")
     rise.barrier()
     torch.distributed.destroy_process_group()
+    # gloo's background threads can abort the process while the interpreter tears down ("terminate called
+    # without an active exception"): the work is done and written, so leave without that teardown
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

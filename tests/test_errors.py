@@ -8,9 +8,11 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--toy-pretrain-steps", "40", "--train-problems", "8", "--eval-problems", "6", "--turns", "2",
@@ -107,6 +109,16 @@ def test_bad_training_data(tmp_path, content, names):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kind, names", [("folder", ["a folder"]), ("link loop", ["leads nowhere"])])
+def test_a_data_path_that_is_no_file_says_what_it_is(tmp_path, kind, names):
+    data = tmp_path / "train.jsonl"
+    if kind == "folder":
+        data.mkdir()
+    else:
+        data.symlink_to(data)
+    assert_user_error(cli(*TINY, "--train-data", str(data), "--out", str(tmp_path / "out")), str(data), *names)
+
+
 def test_a_question_too_long_for_the_context_is_refused_before_any_work(tmp_path):
     data = jsonl(tmp_path / "train.jsonl", ['{"question": "Ann has 3 cups.", "answer": "#### 3"}',
                                             json.dumps({"question": "Ann has 3 cups. " * 650_000, "answer": "#### 3"})])
@@ -189,3 +201,184 @@ def test_output_folder_that_cannot_be_used(tmp_path):
     (out / "iter1").write_text("in the way")
     assert_user_error(cli(*TINY, "--out", str(out)), "iter1", "is a file")
     assert sorted(p.name for p in out.iterdir()) == ["iter1"]  # refused before the base evaluation
+
+
+# --- round two: every file checked, every flag validated, every turn fits, runs cannot collide ---------
+
+def edit_json(path: Path, change) -> None:
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def hostile_checkpoint(toy_base: Path, tmp_path: Path, how: str) -> Path:
+    path = tmp_path / "ckpt"
+    shutil.copytree(toy_base, path)
+    config, tok_config = path / "config.json", path / "tokenizer_config.json"
+    if how == "num_attention_heads 0":
+        edit_json(config, lambda c: {**c, "num_attention_heads": 0})
+    elif how == "config.json a list":
+        config.write_text("[]")
+    elif how == "hidden_size a string":
+        edit_json(config, lambda c: {**c, "hidden_size": "128"})
+    elif how == "generation_config eos a string":
+        (path / "generation_config.json").write_text(json.dumps({"eos_token_id": "</a>"}))
+    elif how == "tokenizer_config not JSON":
+        tok_config.write_text("chat_template: {{ messages }}")
+    elif how == "template raises":
+        edit_json(tok_config, lambda c: {**c, "chat_template": "{{ raise_exception('no system role here') }}"})
+    elif how == "template syntax error":
+        edit_json(tok_config, lambda c: {**c, "chat_template": "{% for m in messages %}{{ m.content }"})
+    elif how == "added token past the vocabulary":
+        tok = json.loads((path / "tokenizer.json").read_text())
+        size = json.loads(config.read_text())["vocab_size"]
+        tok["added_tokens"].append({"id": size, "content": "<extra>", "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": True})
+        (path / "tokenizer.json").write_text(json.dumps(tok))
+    elif how == "index without weight_map":
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    return path
+
+
+@pytest.mark.parametrize("how, names", [
+    ("num_attention_heads 0", ["config.json", "'num_attention_heads'", "positive integer"]),
+    ("config.json a list", ["config.json", "list", "not an object"]),
+    ("hidden_size a string", ["config.json", "'hidden_size'", "'128'"]),
+    ("generation_config eos a string", ["generation_config.json", "'eos_token_id'"]),
+    ("tokenizer_config not JSON", ["tokenizer_config.json", "not a readable JSON"]),
+    ("template raises", ["chat template", "no system role here"]),
+    ("template syntax error", ["chat template", "TemplateSyntaxError"]),
+    ("added token past the vocabulary", ["vocab_size", "no embedding"]),
+    ("index without weight_map", ["model.safetensors.index.json", "'weight_map'", "missing"]),
+])
+def test_every_checkpoint_file_is_checked_before_any_work(toy_base, tmp_path, how, names):
+    model = hostile_checkpoint(toy_base, tmp_path, how)
+    done = cli(*TINY, "--model", str(model), "--train-data", "toy:train", "--eval-data", "toy:test",
+               "--out", str(tmp_path / "out"))
+    assert_user_error(done, *names)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_and_nothing_is_marked_done(toy_base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = hostile_checkpoint(toy_base, tmp_path, "as is")
+    weights = load_file(model / "model.safetensors")
+    name = next(iter(weights))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    done = cli(*TINY, "--model", str(model), "--train-data", "toy:train", "--eval-data", "toy:test", "--out", str(out))
+    assert_user_error(done, str(model), name, "NaN")
+    assert not (out / "state.json").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_lone_surrogate_in_a_short_question_is_refused_before_the_base_evaluation(tmp_path):
+    data = jsonl(tmp_path / "train.jsonl", ['{"question": "Ann has 3 cups.", "answer": "#### 3"}',
+                                            '{"question": "Ann has \\ud800 cups.", "answer": "#### 3"}'])
+    done = cli(*TINY, "--train-data", str(data), "--out", str(tmp_path / "out"))
+    assert_user_error(done, str(data), "train-1", "not valid Unicode")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--device", "nonsense"], ["--device nonsense", "cpu, cuda"]),
+    (["--device", f"cuda:{torch.cuda.device_count()}"], [f"--device cuda:{torch.cuda.device_count()}", "GPU"]),
+    (["--seed", "-1"], ["--seed -1", ">= 0"]),
+    (["--dtype", "float16"], ["--dtype float16", "AdamW", "bfloat16"]),
+    (["--fsdp"], ["--fsdp", "torchrun"]),
+    (["--samples", "1000000"], ["1000000 rows", "--rows-per-batch 512"]),
+    (["--turns", "10000", "--rows-per-batch", "100000", "--context", "all"], ["at turn 10000", "context of 1024"]),
+    (["--turns", "5", "--max-new-tokens", "200", "--context", "all"], ["at turn 5", "context of 1024", "--turns"]),
+])
+def test_flags_and_the_states_of_every_turn_are_checked_before_any_work(tmp_path, flags, names):
+    done = cli(*TINY, *flags, "--out", str(tmp_path / "out"))
+    assert_user_error(done, *names)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "out"
+    slow = [*TINY[:-4], "--turns", "2", "--samples", "2", "--eval-problems", "200", "--iterations", "1"]
+    first = subprocess.Popen([sys.executable, str(ROOT / "rise.py"), *slow, "--out", str(out)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # base.json is written once the first run holds the lock
+            if (out / "base.json").exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert first.poll() is None, "the first run ended before the second could start"
+        assert_user_error(cli(*slow, "--out", str(out)), "another rise run", ".lock")
+    finally:
+        first.kill()  # kill -9: its lock goes with it
+        first.wait()
+    resume = ["--resume"] if (out / "state.json").exists() else []
+    done = cli(*TINY, *resume, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("damage, names", [
+    ("state.json truncated", ["state.json", "not a readable JSON"]),
+    ("state.json wrong shape", ["state.json", "'done'"]),
+    ("config.json not JSON", ["config.json", "not a readable JSON"]),
+    ("config.json wrong type", ["--turns 'two'", "int"]),
+])
+def test_a_damaged_run_folder_is_named_on_resume(finished_run, tmp_path, damage, names):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    if damage == "state.json truncated":
+        (out / "state.json").write_text((out / "state.json").read_text()[:7])
+    elif damage == "state.json wrong shape":
+        (out / "state.json").write_text(json.dumps({"done": "eval:base"}))
+    elif damage == "config.json not JSON":
+        (out / "config.json").write_text("{")
+    else:
+        edit_json(out / "config.json", lambda c: {**c, "turns": "two"})
+    assert_user_error(cli(*TINY, "--resume", "--out", str(out)), *names)
+
+
+def test_resume_runs_again_a_stage_whose_files_are_gone(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "iter1" / "trajectories.jsonl").unlink()
+    done = cli(*TINY, "--resume", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "collect:1" in done.stdout + done.stderr
+    assert (out / "iter1" / "trajectories.jsonl").is_file()
+    assert json.loads((out / "state.json").read_text())["done"] == ["eval:base", "collect:1", "train:1", "eval:iter1"]
+
+
+def test_resume_accepts_the_same_base_moved_and_refuses_another(toy_base, tmp_path):
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    shutil.copytree(toy_base, first)
+    out = tmp_path / "out"
+    args = [*TINY, "--train-data", "toy:train", "--eval-data", "toy:test", "--iterations", "0", "--out", str(out)]
+    assert cli(*args, "--model", str(first)).returncode == 0
+    first.rename(moved)
+    done = cli(*args, "--resume", "--model", str(moved))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["model"] == str(moved)
+    edit_json(moved / "config.json", lambda c: {**c, "rms_norm_eps": 1e-6})  # another checkpoint now
+    assert_user_error(cli(*args, "--resume"), str(moved), "not the base checkpoint")
+
+
+def test_a_full_disk_is_one_error_leaves_no_temporary_file_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import rise
+
+    out = tmp_path / "run"
+    real = Path.write_bytes
+
+    def full(self, content):
+        if self.name.endswith(".tmp") and "iter1" in self.name + str(self.parent):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, content)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(SystemExit) as stop:
+        rise.main([*TINY, "--out", str(out)])
+    assert stop.value.code == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    monkeypatch.setattr(Path, "write_bytes", real)
+    rise.main([*TINY, "--resume", "--out", str(out)])
+    assert json.loads((out / "state.json").read_text())["done"][-1] == "eval:iter1"

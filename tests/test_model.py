@@ -267,3 +267,11 @@ def test_compiled_decoding_matches_eager(tiny_checkpoints):
         outputs.append((first, second))
     assert outputs[0] == outputs[1]
     assert 1 <= counters["stats"]["unique_graphs"] - graphs <= 2  # compiled, but not per step, length or capacity
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-40, 1.0), (1e-5, 1.0), (1.0, 1e-46), (1.0, 1e-30)])
+def test_a_vanishing_temperature_or_nucleus_samples_the_likeliest_token(temperature, top_p):
+    """Not the last vocabulary id (what NaN probabilities or an all-dropped nucleus give): the argmax."""
+    logits = torch.tensor([[0.5, 3.0, 1.0, -2.0], [9.0, 1.0, 8.5, 0.0]])
+    for seed in range(5):
+        assert M.sample(logits, temperature, top_p, torch.Generator().manual_seed(seed)).tolist() == [1, 0]

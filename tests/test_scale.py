@@ -3,6 +3,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,10 @@ def test_a_whole_tiny_lora_run_saves_adapters_and_a_merged_policy(tmp_path):
     it = tmp_path / "run" / "iter1"
     adapters = load_file(it / "adapter.safetensors")
     assert adapters and all(".lora_" in k for k in adapters)
+    umask = os.umask(0)
+    os.umask(umask)  # written atomically, as an ordinary file (safetensors' own save_file makes it 600)
+    assert stat.S_IMODE((it / "adapter.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert not list(it.glob(".*.tmp"))
     assert any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_B"))  # trained
     policy = M.load(it / "policy", device="cpu")
     base = M.load(toy.build_base(checks.pretrain, toy.recipe(40)), device="cpu")

@@ -92,6 +92,19 @@ COMPARISON = [  # (a, b, equal?)
     ("1/0", "0", False), ("", "", False), ("   ", "   ", False),
     ("x^2+1", "x^2 + 1", True), ("\\left( 1, 2 \\right)", "(1,2)", True), ("\\text{(A)}", "(A)", True),
     ("10,\\!000", "10000", True), ("30^\\circ", "30", True), ("\\boxed{5}", "5", True), ("x^2+1", "x^2-1", False),
+    # scientific notation, exactly; with an exponent of over three digits, a string only (as over 1,000 digits)
+    ("5e2", "500", True), ("1e309", "1" + "0" * 309, True), ("1e309", "1", False), ("1e309", "1e308", False),
+    ("2.5e-3", "1/400", True), ("3E4", "30,000", True), ("-1.5E+2", "-150", True), ("1e1000", "1e1000", True),
+    ("1e1000", "1e1001", False),
+    # currencies as "$"; Unicode digits as ASCII ones; spaces (thin, no-break too) between groups of three digits
+    ("€18", "18", True), ("18€", "$18", True), ("£1,000", "1000", True), ("USD 18", "18", True),
+    ("EUR 18", "18 dollars", True), ("18 GBP", "¥18", True), ("€18", "19", False), ("EUROPE", "OPE", False),
+    ("４２", "42", True), ("٤٢", "42", True), ("۴۲", "٤٢", True), ("٤٢", "43", False),
+    ("1 000", "1,000", True), ("1\u2009000", "1000", True), ("1\u202f000.5", "1000.5", True),
+    ("1\u00a0000 000", "1e6", True), ("1 000", "1,001", False),
+    # LaTeX's one-digit arguments
+    ("\\sqrt5", "\\sqrt{5}", True), ("\\frac{\\sqrt5}{2}", "\\frac{\\sqrt{5}}{2}", True),
+    ("2\\sqrt 3", "2\\sqrt{3}", True), ("\\sqrt5", "\\sqrt{50}", False), ("\\frac 54", "1.25", True),
 ]
 
 
@@ -118,6 +131,61 @@ IS_CORRECT = [  # (response, reference, correct?)
 @pytest.mark.parametrize("response, reference, correct", IS_CORRECT)
 def test_is_correct(response, reference, correct):
     assert is_correct(response, reference) is correct
+
+
+BAD_INPUT = [  # (response, reference, extract_answer, reward): as a careful grader would score them
+    # scientific notation: the whole number, exactly (10^309 is no float), and an "e" only before a digit
+    ("The answer is 5e2", "500", "5e2", 1.0), ("The answer is 5e2", "5", "5e2", 0.0),
+    ("The answer is 1e309", "1" + "0" * 309, "1e309", 1.0), ("The answer is 1e309", "1", "1e309", 0.0),
+    ("The answer is 2.5e-3", "0.0025", "2.5e-3", 1.0), ("The answer is 3E4.", "#### 30,000", "3E4", 1.0),
+    ("The answer is 5 eggs", "5", "5", 1.0), ("She has 5 eggs", "5", "5", 1.0),
+    # the result of a calculation stated as the answer
+    ("So the answer is 16 - 3 - 4 = 9 eggs.", "9", "9", 1.0), ("So the answer is 16 - 3 - 4 = 9 eggs.", "16", "9", 0.0),
+    ("\\boxed{16-3-4=9}", "9", "9", 1.0), ("The answer is 1.5 + 2 = 3.5", "3.5", "3.5", 1.0),
+    ("The answer is (2 + 3) * 4 = $20", "20", "$20", 1.0), ("The answer is -3 + 5 = 2", "2", "2", 1.0),
+    ("The answer is $3 \\times 4 = 12$.", "12", "12", 1.0), ("The answer is 2e3 + 5 = 2005", "2005", "2005", 1.0),
+    ("The answer is 12. 3 + 4 = 7", "12", "12", 1.0),  # a new sentence is no calculation
+    ("\\boxed{x = 5}", "5", "x = 5", 1.0),  # algebra is kept whole
+    # hedges: two numbers joined by "or" or "and" are no single answer
+    ("The answer is 5 or 6", "5", "5 or 6", 0.0), ("The answer is 5 or 6", "6", "5 or 6", 0.0),
+    ("The answer is either 5 or 6.", "5", "5 or 6", 0.0), ("The answer is between 5 and 6", "6", "5 and 6", 0.0),
+    ("#### 5 or 6", "5", "5 or 6", 0.0), ("The answer is 5 oranges", "5", "5", 1.0),
+    ("The answer is 5/6", "5/6", "5/6", 1.0),  # "/" is a fraction, not a hedge
+    # nested boxes
+    ("\\boxed{\\boxed{7}}", "7", "7", 1.0), ("\\boxed{\\boxed{\\frac{1}{2}}}", "0.5", "\\frac{1}{2}", 1.0),
+    ("The answer is 6.", "\\boxed{\\boxed{7}}", "6", 0.0),
+    # currencies, on either side
+    ("The answer is €18", "18", "18", 1.0), ("The answer is 18€", "18", "18", 1.0),
+    ("The answer is £1,000", "1000", "1,000", 1.0), ("The answer is USD 18", "18", "18", 1.0),
+    ("The answer is EUR 18", "18", "18", 1.0), ("The answer is $18", "€18", "18", 1.0),
+    ("The answer is 18 dollars", "EUR 18", "18", 1.0), ("The answer is 18", "18 USD", "18", 1.0),
+    ("The answer is 18", "£1,000", "18", 0.0),
+    # Unicode digits
+    ("The answer is ４２", "42", "42", 1.0), ("The answer is ٤٢", "42", "42", 1.0),
+    ("The answer is ۴۲", "42", "42", 1.0),
+    ("\\boxed{٤٢}", "#### ４２", "42", 1.0), ("The answer is ٤٣", "42", "43", 0.0),
+    # thousands separated by spaces, thin spaces, narrow no-break spaces
+    ("The answer is 1 000", "1000", "1 000", 1.0), ("The answer is 1\u2009000", "1,000", "1 000", 1.0),
+    ("The answer is 1\u202f000 apples", "1000", "1 000", 1.0), ("\\boxed{1 000}", "1,000", "1 000", 1.0),
+    ("The answer is 5 600", "5", "5 600", 0.0), ("It is between 3 and 4", "4", "4", 1.0),
+    ("The answer is 5 60", "5", "5", 1.0), ("The answer is 1 0000", "1", "1", 1.0),  # only groups of three
+    # LaTeX's one-digit arguments
+    ("\\boxed{\\sqrt5}", "\\sqrt{5}", "\\sqrt5", 1.0),
+    ("\\boxed{\\frac{\\sqrt5}{2}}", "\\frac{\\sqrt{5}}{2}", "\\frac{\\sqrt5}{2}", 1.0),
+    ("\\boxed{\\frac12}", "0.5", "\\frac12", 1.0), ("\\boxed{\\sqrt5}", "\\sqrt{6}", "\\sqrt5", 0.0),
+]
+
+
+@pytest.mark.parametrize("response, reference, extracted, score", BAD_INPUT)
+def test_bad_input_is_scored_as_a_careful_grader_would(response, reference, extracted, score):
+    assert extract_answer(response) == extracted
+    assert reward(response, reference) == score
+
+
+def test_scientific_notation_is_exact():
+    assert to_number("1e309") == 10**309 and to_number("2.5e-3") == Fraction(1, 400) and to_number("5E+2") == 500
+    assert to_number("1e-999") == Fraction(1, 10**999) and to_number("1e1000") is None  # too long: a string
+    assert canonical_answer("5e2") == canonical_answer("500") and canonical_answer("1e309") == str(10**309)
 
 
 def test_strict_mode_needs_an_explicit_answer():
@@ -244,6 +312,8 @@ def integer_formats(n: int) -> list[str]:
     formats = [str(n), f"{n:,}", f"{n}.00", f"{n}.", f"{minus}${abs(n):,}", f"${n}", f"{n} dollars", f"{n:,} cm",
                f"\\${n:,}", f"{n}%", f"\\text{{{n}}}", f"\\frac{{{n}}}{{1}}", f"{2 * n}/2", f"{n}.0000"]
     formats += [f"+{n}", f"+{n:,}"] if n >= 0 else [str(n).replace("-", "−"), f"-{abs(n):,}"]
+    formats += [f"{n:,}".replace(",", " "), f"{n:,}".replace(",", "\u202f"), f"{n * 10}e-1", f"{n}E0", f"€{n}",
+                f"{n} EUR", str(n).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))]
     return formats
 
 
