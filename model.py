@@ -610,6 +610,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None)
         raise CheckpointError(f"{path}: weights {broken[:5]} hold NaN or infinite values in {dtype}; the checkpoint "
                               "is damaged (or too large for this dtype)")
     model.load_state_dict(state, assign=True, strict=True)
+    with torch.no_grad():  # finite weights can still overflow (float16, huge norms): probe a short sequence
+        if not model(torch.zeros(1, 8, dtype=torch.long, device=device)).isfinite().all():
+            raise CheckpointError(f"{path}: its logits on a short probe are not finite in {dtype}; the weights are "
+                                  "damaged, or overflow in this dtype (try --dtype float32)")
     return model.eval()
 
 

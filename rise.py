@@ -79,7 +79,8 @@ class Config:
     first_samples: int | None = opt(None, "candidates at turn 1 when collecting (none: N; official: 1)", min=1)
     keep: str = opt("best", "the candidate an episode goes on from: the best (official) or the first, an ordinary "
                     "sample, so later turns come as often as in evaluation", choices=["best", "first"])
-    iterations: int = opt(1, "collect -> train -> evaluate rounds (the paper's Iteration 1, 2)", min=0, resume=True)
+    iterations: int = opt(1, "collect -> train -> evaluate, this many times (the paper's Iteration 1, 2)", min=0,
+                          resume=True)
     feedback: str = opt("oracle", "collection feedback (see data.state_messages); mixed: half the problems each",
                         choices=["oracle", "neutral", "mixed"])
     context: str = opt("all", "the state holds all earlier attempts (paper) or the last", choices=["all", "last"])

@@ -203,7 +203,7 @@ def test_output_folder_that_cannot_be_used(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["iter1"]  # refused before the base evaluation
 
 
-# --- round two: every file checked, every flag validated, every turn fits, runs cannot collide ---------
+# --- every file checked, every flag validated, every turn fits, runs cannot collide -------------------
 
 def edit_json(path: Path, change) -> None:
     path.write_text(json.dumps(change(json.loads(path.read_text()))))
@@ -257,17 +257,20 @@ def test_every_checkpoint_file_is_checked_before_any_work(toy_base, tmp_path, ho
     assert not (tmp_path / "out").exists()
 
 
-def test_a_checkpoint_with_nan_weights_is_refused_and_nothing_is_marked_done(toy_base, tmp_path):
+@pytest.mark.parametrize("weight, value, names", [
+    ("model.embed_tokens.weight", float("nan"), ["model.embed_tokens.weight", "NaN"]),
+    ("model.norm.weight", 3e38, ["logits", "not finite"]),  # every weight finite (< 3.4e38), the logits not
+])
+def test_a_checkpoint_whose_weights_or_logits_are_not_finite_is_refused(toy_base, tmp_path, weight, value, names):
     from safetensors.torch import load_file, save_file
 
     model = hostile_checkpoint(toy_base, tmp_path, "as is")
     weights = load_file(model / "model.safetensors")
-    name = next(iter(weights))
-    weights[name][0, 0] = float("nan")
+    weights[weight][:] = value
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
     done = cli(*TINY, "--model", str(model), "--train-data", "toy:train", "--eval-data", "toy:test", "--out", str(out))
-    assert_user_error(done, str(model), name, "NaN")
+    assert_user_error(done, str(model), *names)
     assert not (out / "state.json").exists() and not (out / "metrics.json").exists()
 
 
