@@ -123,9 +123,8 @@ def fingerprint(path: Path) -> str:
 LIMITS = {"min": (">=", operator.ge), "gt": (">", operator.gt), "max": ("<=", operator.le)}  # opt()'s rules
 
 
-def check_settings(cfg: Config) -> None:
-    """Every setting of the right type, finite and within its field's range (rise.opt's min/gt/max); the
-    device, the precision training supports and torchrun; the rows one problem needs at once."""
+def check_fields(cfg: Config) -> None:
+    """Every setting of its field's type, finite, within its range (rise.opt's min/gt/max) and choices."""
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
@@ -141,6 +140,12 @@ def check_settings(cfg: Config) -> None:
             raise ConfigError(f"{flag} {value}: must be {required}")
         if "choices" in f.metadata and value is not None and value not in f.metadata["choices"]:
             raise ConfigError(f"{flag} {value}: must be one of {', '.join(f.metadata['choices'])}")
+
+
+def check_settings(cfg: Config) -> None:
+    """check_fields, then what the settings name outside rise: the device, the precision training supports,
+    torchrun; and the rows one problem needs at once."""
+    check_fields(cfg)
     try:
         device = torch.device(cfg.device or "cpu")
     except (RuntimeError, ValueError):
@@ -358,7 +363,7 @@ def resumed_config(cfg: Config, given: set[str]) -> Config:
                           f"or new: {', '.join(sorted(mismatched))}); add or remove them there, or start a new run "
                           "elsewhere")
     saved = Config(**saved)
-    check_settings(saved)
+    check_fields(saved)  # (the device and the rest are checked once the flags given now are applied)
     changed = {name for name in given if getattr(cfg, name) != getattr(saved, name)}
     if (out / "base.json").is_file() and saved.model != "toy":  # the run's own base, perhaps moved
         base = resolve_model(cfg.model if "model" in changed else saved.model)

@@ -385,3 +385,14 @@ def test_a_full_disk_is_one_error_leaves_no_temporary_file_and_the_run_resumes(t
     monkeypatch.setattr(Path, "write_bytes", real)
     rise.main([*TINY, "--resume", "--out", str(out)])
     assert json.loads((out / "state.json").read_text())["done"][-1] == "eval:iter1"
+
+
+def test_a_run_started_on_a_gpu_resumes_on_the_cpu_with_device_cpu(finished_run, tmp_path):
+    """The saved settings are checked for type and range alone; the device is checked once --device applies."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    edit_json(out / "config.json", lambda c: {**c, "device": "cuda:7"})
+    assert_user_error(cli(*TINY, "--resume", "--out", str(out)), "--device cuda:7")
+    done = cli(*TINY, "--resume", "--device", "cpu", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["device"] == "cpu"
