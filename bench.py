@@ -19,6 +19,9 @@ each in a process of its own):
   bandwidth floor batch-1 decode must stream every weight once per token: weight bytes divided by
                   the measured copy bandwidth (bytes read + written per second, STREAM's convention)
                   is the fastest a token can be; we report what fraction of that we reach.
+  training step   one AWR optimizer step on 16 examples of 200-420 tokens (the last 64 trained), in
+                  micro-batches of 8: rise.awr_loss on model.py against the same loss on transformers,
+                  with the machine's matrix-product rate on the step's shapes beside them
   matrix products every weight matrix applied to 1 (or 32) vectors, nothing else: how much of a
                   decoding step is the products themselves, and how much the kernels between them.
                   Both engines run these same float32 products, so they also bound what any
@@ -204,6 +207,71 @@ def worker_rollout(args, turns: int = 5, rows: int = 16, attempt_tokens: int = 4
     assert tokens["reuse"] == tokens["reencode"], "KV reuse changed the tokens"
     results["tokens"] = turns * rows * attempt_tokens
     return results
+
+
+def matmul_gflops(dtype: torch.dtype, device: str) -> float:
+    """The machine's matrix-product rate in `dtype`, on shapes of a training step of SmolLM2 (tokens x
+    hidden times hidden x MLP): the ceiling any engine's training step is measured against."""
+    a = torch.randn(4096, 576, dtype=dtype, device=device)
+    b = torch.randn(576, 1536, dtype=dtype, device=device)
+    a @ b
+    seconds = min(timed(lambda: a @ b, device) for _ in range(10))
+    return 2 * 4096 * 576 * 1536 / seconds / 1e9
+
+
+def training_batch(vocab: int, examples: int = 16, trained: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A RISE-like training batch: `examples` sequences of 200..420 tokens (a state and an attempt),
+    right-padded, whose last `trained` tokens are the attempt (mask 1), as rise.batch_tensors builds it."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.linspace(200, 420, examples).long().tolist()
+    ids = torch.zeros(examples, max(lengths), dtype=torch.long)
+    mask = torch.zeros(examples, max(lengths))
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(100, min(vocab, 30000), (n,), generator=g)
+        mask[row, n - trained:n] = 1.0
+    return ids, mask
+
+
+def worker_train(args, micro_batch: int = 8) -> dict:
+    """Seconds of one AWR optimizer step on 16 examples, in micro-batches of 8: rise's own loss
+    (rise.awr_loss) on model.py against the same weighted, per-token-normalised loss written with
+    transformers; float32 master weights, bfloat16 autocast when --dtype bfloat16 (as rise.train does)."""
+    import torch.nn.functional as F
+    import transformers
+
+    import model as M
+    import rise
+
+    device, amp = args.device, args.dtype == "bfloat16"
+    ours = M.load(args.model, dtype=torch.float32, device=device).train()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).train()
+    ids, mask = (t.to(device) for t in training_batch(ours.args.vocab_size))
+    weights = torch.ones(len(ids), device=device)
+
+    def hf_loss(model, ids, mask, weights):
+        logits = model(ids[:, :-1]).logits.float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        target = mask[:, 1:]
+        return (weights * (nll * target).sum(1) / target.sum(1).clamp(min=1)).sum()
+
+    def step(model, loss_fn, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        for m in range(0, len(ids), micro_batch):
+            part = slice(m, m + micro_batch)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+                loss = loss_fn(model, ids[part], mask[part], weights[part]) / len(ids)
+            loss.backward()
+        optimizer.step()
+
+    engines = {"ours": (ours, rise.awr_loss), "hf": (hf, hf_loss)}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-6) for name, (m, _) in engines.items()}
+    best = {name: math.inf for name in engines}
+    for rep in range(1 + min(args.reps, 2)):  # the first step of each warms up (allocations, AdamW state)
+        for name, (model, loss_fn) in engines.items():
+            seconds = timed(lambda: step(model, loss_fn, optimizers[name]), device)
+            best[name] = min(best[name], seconds) if rep else best[name]
+    return {"ours_train_s": best["ours"], "hf_train_s": best["hf"], "train_tokens": int(mask.sum()),
+            "train_positions": int(ids.numel()), "matmul_gflops": matmul_gflops(getattr(torch, args.dtype), device)}
 
 
 def run_worker(kind: str, args) -> dict:
@@ -476,11 +544,13 @@ def main():
                         help="instead of the comparison: a random Llama of this size (default 1b) runs a batched "
                              "multi-turn rollout and one AWR step on --device (cuda), printing decode and training "
                              "tokens/s and peak memory (about 2 minutes on one H100)")
-    parser.add_argument("--worker", choices=["speed", "memory_ours", "memory_hf", "rollout"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["speed", "memory_ours", "memory_hf", "rollout", "train"],
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         fn = {"speed": worker_speed, "memory_ours": lambda a: worker_memory(a, "ours"),
-              "memory_hf": lambda a: worker_memory(a, "hf"), "rollout": worker_rollout}[args.worker]
+              "memory_hf": lambda a: worker_memory(a, "hf"), "rollout": worker_rollout,
+              "train": worker_train}[args.worker]
         print(json.dumps(fn(args)))
         return
     if args.gpu_check:
@@ -503,6 +573,7 @@ def main():
     speed = run_worker("speed", args)
     memory = {name: run_worker(f"memory_{name}", args)["peak_mb"] for name in ("ours", "hf")}
     rollout = run_worker("rollout", args)
+    train = run_worker("train", args)
 
     weights = weight_bytes(Path(args.model), getattr(torch, args.dtype))
     bandwidth = speed["bandwidth_gbs"]
@@ -534,6 +605,16 @@ def main():
               f"the matrix products alone take {1e3 * products:.1f} ms ({weights / products / 1e9:.1f} GB/s of "
               f"weights), so no engine running them decodes faster than {cap:.1f} tok/s = {cap / hf:.2f}x "
               f"transformers ({target}x would need {target * hf:.1f})")
+    # a training step's FLOPs: 6 per parameter per position (forward 2, backward 4), the output matrix included
+    import model as M
+
+    flops = 6 * parameter_count(M.check_checkpoint(args.model)) * train["train_positions"]
+    print(f"\n| AWR training step, 16 examples of 200-420 tokens ({train['train_tokens']} trained), micro-batch 8, "
+          f"{'bf16 autocast' if args.dtype == 'bfloat16' else 'float32'} | seconds | GFLOP/s |\n|---|---|---|")
+    for name, key in (("rise (model.py, rise.awr_loss)", "ours_train_s"), ("transformers", "hf_train_s")):
+        print(f"| {name} | {train[key]:.2f} | {flops / train[key] / 1e9:.0f} |")
+    print(f"| speed-up | {train['hf_train_s'] / train['ours_train_s']:.2f}x | |")
+    print(f"(this machine's {args.dtype} matrix products of a step's shapes: {train['matmul_gflops']:.0f} GFLOP/s)")
     seconds, (busy1, mine1) = time.perf_counter() - start, busy_seconds()
     others = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / (seconds * (os.cpu_count() or 1))
     print(f"(bench took {seconds:.0f} s; other processes kept {100 * others:.0f}% of the CPU busy meanwhile"

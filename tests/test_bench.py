@@ -14,3 +14,14 @@ def test_gpu_check_runs_a_rollout_and_an_awr_step_on_cpu():
     assert r["decode_tok_s"] > 0 and r["train_tok_s"] > 0
     assert math.isfinite(r["loss"]) and r["loss"] > 0 and r["weights_moved"]
     bench.print_gpu_check(r)
+
+
+def test_the_training_step_comparison_runs_both_engines(tiny_checkpoints):
+    """bench's AWR-step timing of model.py against transformers, on a tiny checkpoint (the code path only:
+    speed is measured by `python bench.py`, never asserted)."""
+    import argparse
+
+    r = bench.worker_train(argparse.Namespace(model=str(tiny_checkpoints["tied"]), dtype="float32", device="cpu",
+                                              reps=1), micro_batch=8)
+    assert r["ours_train_s"] > 0 and r["hf_train_s"] > 0 and r["matmul_gflops"] > 0
+    assert r["train_tokens"] == 16 * 64 and r["train_positions"] == 16 * 420
