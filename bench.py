@@ -29,9 +29,10 @@ each in a process of its own):
 
 Shared machines are noisy, so every timed section is the best of --reps repetitions (batch 32: of
 2; the rollout: of --rollout-reps), the engines take turns within each repetition, and the copy
-bandwidth is measured right beside the batch-1 runs. The whole run takes about 6 minutes on 2 CPU
-cores, 1-2 of them compiling. Numbers, not tests: docs/performance.md holds a measured table and the command
-that made it.
+bandwidth is measured right beside the batch-1 runs. Without the training step the run took about 6
+minutes on 2 cores of an Intel Sapphire Rapids (1-2 of them compiling); with it, 28 minutes on 2 cores of
+an AMD EPYC without AVX-512 (the step 13 of them). Numbers, not tests: docs/performance.md holds the
+measured tables and the command that made them.
 """
 
 from __future__ import annotations
