@@ -96,10 +96,9 @@ def check_checkpoint_files(path: Path) -> dict:
     fix = "repair the file, or fetch the checkpoint again"
     if not (path / "config.json").is_file():
         raise M.CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-    for name, fields in CHECKPOINT_FILES.items():
-        if (path / name).is_file():
-            read_json(path / name, fields, fix)
-    config = read_json(path / "config.json", CHECKPOINT_FILES["config.json"], fix)
+    files = {name: read_json(path / name, fields, fix) for name, fields in CHECKPOINT_FILES.items()
+             if (path / name).is_file()}
+    config = files["config.json"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     if heads % kv or not config.get("head_dim") and config["hidden_size"] % heads:
         raise ConfigError(f"{path / 'config.json'}: num_attention_heads ({heads}) must be a multiple of "
@@ -312,11 +311,12 @@ def lock(out: Path) -> None:
 
 
 def stages_done(out: Path) -> list[str]:
-    """rise.stages_done, once state.json is checked: the stages of the run in `out` that finished."""
-    if (out / "state.json").exists():
-        read_json(out / "state.json", {"done": (True, STAGES)}, "delete it to run every stage again, or start "
-                  "a new run with another --out")
-    return rise.stages_done(out)
+    """The stages of the run in `out` that finished, from its state.json once checked (rise.stages_done reads
+    the same file during the run, after this has vouched for it)."""
+    if not (out / "state.json").exists():
+        return []
+    return read_json(out / "state.json", {"done": (True, STAGES)}, "delete it to run every stage again, or start "
+                     "a new run with another --out")["done"]
 
 
 def intact(out: Path, stage: str, metrics: dict) -> bool:
