@@ -329,19 +329,24 @@ CHECK_SIZES = {
     # Llama-3.2-1B's shape (1.24B parameters, tied embeddings), random weights
     "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, hidden_dim=8192, vocab_size=128256,
                rope_theta=500000.0, tie_word_embeddings=True, max_seq_len=4096),
+    # Mistral-7B-Instruct-v0.2's shape (7.24B parameters), the paper's model, random weights
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32000,
+               rope_theta=1000000.0, tie_word_embeddings=False, max_seq_len=32768),
     # the same code path in seconds on a CPU (tests/test_bench.py)
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=512,
                  tie_word_embeddings=True, max_seq_len=1024),
 }
 
 
-def gpu_check(size: str = "1b", device: str = "cuda", rows: int = 64, turns: int = 3, prompt_len: int = 128,
-              attempt_tokens: int = 128, feedback_len: int = 16, train_examples: int = 16, micro_batch: int = 4,
-              seed: int = 0) -> dict:
+def gpu_check(size: str = "1b", device: str = "cuda", lora_rank: int = 0, rows: int = 64, turns: int = 3,
+              prompt_len: int = 256, attempt_tokens: int = 128, feedback_len: int = 64, train_examples: int = 16,
+              micro_batch: int = 4, seed: int = 0) -> dict:
     """RISE's two workloads at realistic width, with random weights: a batched multi-turn rollout in
     bfloat16 (the KV cache reused across turns, sampling at temperature 1), then one AWR optimizer step
-    on examples cut from that rollout (float32 master weights, bfloat16 autocast, activation
-    checkpointing, as rise.py trains a full fine-tune). Returns rates and the peak memory."""
+    on the rollout's conversations, their last attempt trained, with activation checkpointing: a full
+    fine-tune (float32 master weights, bfloat16 autocast) or, with lora_rank, adapters on the bf16 base,
+    as rise.load_policy gives them. The prompt and feedback lengths are the ones bench's memory planner
+    assumes, so its estimate for the same settings is returned beside the measured peaks."""
     import data
     import model as M
     import rise
@@ -380,16 +385,22 @@ def gpu_check(size: str = "1b", device: str = "cuda", rows: int = 64, turns: int
     rollout_peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
     del cache
 
-    # one AWR step: float32 master weights, as rise.load_policy gives a full fine-tune
-    model = model.float()
+    if lora_rank:  # the bf16 base frozen, fp32 adapters
+        M.add_lora(model, lora_rank, alpha=2.0 * lora_rank)
+    else:  # float32 master weights
+        model = model.float()
     examples = []
     for c in conversations[:train_examples]:
-        ids = c[:prompt_len + attempt_tokens]
-        mask = [0] * prompt_len + [1] * attempt_tokens
+        ids = c[:len(c) - feedback_len]  # the whole state, its last attempt trained
+        mask = [0] * (len(ids) - attempt_tokens) + [1] * attempt_tokens
         examples.append(data.Example(ids, mask, float(torch.rand((), generator=g) * 2), 1))
     cfg = rise.Config(lr=1e-5, epochs=1, batch_size=train_examples, micro_batch=micro_batch, warmup=0.0,
-                      grad_checkpoint=True, amp=cuda or None)
-    before = model.model.layers[0].mlp.up_proj.weight[0, :4].clone()
+                      grad_checkpoint=True, amp=cuda or None, lora_rank=lora_rank, turns=turns,
+                      max_new_tokens=attempt_tokens, rows_per_batch=rows)
+    rise.train(model, examples[:micro_batch], dataclasses.replace(cfg, batch_size=micro_batch, lr=1e-12),
+               pad_id=0, desc="gpu check: warm-up step")  # (kernels, allocator, optimizer path)
+    trained = next(p for n, p in model.named_parameters() if p.requires_grad and "lora_A" not in n)  # (A's gradient is 0 while B is)
+    before = trained.detach().clone()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter()
@@ -397,23 +408,32 @@ def gpu_check(size: str = "1b", device: str = "cuda", rows: int = 64, turns: int
     if cuda:
         torch.cuda.synchronize()
     train_s = time.perf_counter() - seconds
-    return {"parameters": sum(p.numel() for p in model.parameters()), "rows": rows, "turns": turns,
-            "decode_tok_s": sampled / rollout_s, "rollout_s": rollout_s,
+    estimate = memory_estimate(args, cfg, "cuda")
+    return {"parameters": parameter_count(args), "lora_rank": lora_rank, "rows": rows, "turns": turns,
+            "attempt_tokens": attempt_tokens, "decode_tok_s": sampled / rollout_s, "rollout_s": rollout_s,
             "train_tok_s": sum(len(e.ids) for e in examples) / train_s, "train_s": train_s,
-            "loss": stats["loss"], "weights_moved": not torch.equal(before, model.model.layers[0].mlp.up_proj.weight[0, :4]),
+            "train_examples": len(examples), "example_tokens": len(examples[0].ids),
+            "loss": stats["loss"], "weights_moved": not torch.equal(before, trained.detach()),
             "rollout_peak_gib": rollout_peak,
             "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan"),
+            "planned_rollout_gib": sum(estimate["rollouts"].values()),
+            "planned_peak_gib": peak_gib(estimate),
             "device": torch.cuda.get_device_name(device) if cuda else cpu_name()}
 
 
 def print_gpu_check(r: dict) -> None:
+    trained = f"LoRA rank {r['lora_rank']} on the bf16 base" if r["lora_rank"] else "fp32 master, bf16 autocast"
     print(f"GPU check on {r['device']}: random Llama, {r['parameters'] / 1e9:.2f}B parameters, torch {torch.__version__}")
     print("| measure | value |\n|---|---|")
-    print(f"| rollout: {r['rows']} rows x {r['turns']} turns, bf16, KV cache reused | {r['rollout_s']:.1f} s |")
+    print(f"| rollout: {r['rows']} rows x {r['turns']} turns x {r['attempt_tokens']} tokens, bf16, KV cache reused "
+          f"| {r['rollout_s']:.1f} s |")
     print(f"| decode tok/s (sampled tokens / rollout time) | {r['decode_tok_s']:,.0f} |")
-    print(f"| one AWR step (fp32 master, bf16 autocast, checkpointing) | {r['train_s']:.1f} s |")
+    print(f"| one AWR step, {r['train_examples']} x {r['example_tokens']} tokens ({trained}, checkpointing) "
+          f"| {r['train_s']:.1f} s |")
     print(f"| train tok/s | {r['train_tok_s']:,.0f} |")
     print(f"| peak memory, rollout / overall | {r['rollout_peak_gib']:.1f} / {r['peak_gib']:.1f} GiB |")
+    print(f"| planner's estimate (bench.memory_estimate), rollout / overall | {r['planned_rollout_gib']:.1f} / "
+          f"{r['planned_peak_gib']:.1f} GiB |")
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,10 +561,12 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per timed section; the best counts")
     parser.add_argument("--rollout-reps", type=int, default=1, help="repetitions of the (long) rollout section")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="with --gpu-check: train rank-R LoRA adapters on the bf16 base instead of all weights")
     parser.add_argument("--gpu-check", nargs="?", const="1b", choices=list(CHECK_SIZES),
                         help="instead of the comparison: a random Llama of this size (default 1b) runs a batched "
                              "multi-turn rollout and one AWR step on --device (cuda), printing decode and training "
-                             "tokens/s and peak memory (about 2 minutes on one H100)")
+                             "tokens/s and peak memory beside the memory planner's estimate (1b: about 1 minute on one H200)")
     parser.add_argument("--worker", choices=["speed", "memory_ours", "memory_hf", "rollout", "train"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -557,7 +579,7 @@ def main():
     if args.gpu_check:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         device = "cuda" if args.device == "cpu" and torch.cuda.is_available() else args.device
-        print_gpu_check(gpu_check(args.gpu_check, device))
+        print_gpu_check(gpu_check(args.gpu_check, device, args.lora_rank))
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.model is None:

@@ -3,17 +3,26 @@ CUDA: `python bench.py --gpu-check --device cuda`)."""
 
 import math
 
+import pytest
+
 import bench
 import model as M
 
 
-def test_gpu_check_runs_a_rollout_and_an_awr_step_on_cpu():
-    r = bench.gpu_check("tiny", device="cpu", rows=4, turns=2, prompt_len=12, attempt_tokens=10, feedback_len=3,
-                        train_examples=4, micro_batch=2)
-    assert r["parameters"] == bench.parameter_count(M.ModelArgs(**bench.CHECK_SIZES["tiny"]))
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_gpu_check_runs_a_rollout_and_an_awr_step_on_cpu(lora_rank):
+    r = bench.gpu_check("tiny", device="cpu", lora_rank=lora_rank, rows=4, turns=2, prompt_len=12, attempt_tokens=10,
+                        feedback_len=3, train_examples=4, micro_batch=2)
+    assert r["parameters"] == sum(p.numel() for p in M.Transformer(M.ModelArgs(**bench.CHECK_SIZES["tiny"])).parameters())
     assert r["decode_tok_s"] > 0 and r["train_tok_s"] > 0
     assert math.isfinite(r["loss"]) and r["loss"] > 0 and r["weights_moved"]
+    assert r["example_tokens"] == 12 + 2 * 10 + 3  # the whole state up to its last attempt
+    assert 0 < r["planned_rollout_gib"] < r["planned_peak_gib"]
     bench.print_gpu_check(r)
+
+
+def test_the_7b_check_is_mistral_7b_shaped():
+    assert bench.parameter_count(M.ModelArgs(**bench.CHECK_SIZES["7b"])) == 7_241_732_096  # Mistral-7B-v0.2's count
 
 
 def test_the_training_step_comparison_runs_both_engines(tiny_checkpoints):
