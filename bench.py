@@ -338,7 +338,7 @@ CHECK_SIZES = {
 }
 
 
-def gpu_check(size: str = "1b", device: str = "cuda", lora_rank: int = 0, rows: int = 64, turns: int = 3,
+def gpu_check(size: str = "1b", device: str = "cuda", lora_rank: int = 0, compile: bool = False, rows: int = 64, turns: int = 3,
               prompt_len: int = 256, attempt_tokens: int = 128, feedback_len: int = 64, train_examples: int = 16,
               micro_batch: int = 4, seed: int = 0) -> dict:
     """RISE's two workloads at realistic width, with random weights: a batched multi-turn rollout in
@@ -371,11 +371,12 @@ def gpu_check(size: str = "1b", device: str = "cuda", lora_rank: int = 0, rows: 
     cache = M.KVCache.for_model(model, rows, prompt_len + turns * (attempt_tokens + feedback_len))
     sampler = torch.Generator(device=device).manual_seed(seed)
     conversations, turn_prompts, sampled = [list(q) for q in questions], questions, 0
-    M.generate(model, [q[:8] for q in questions[:2]], max_new_tokens=2)  # warm-up (kernels, allocator)
     seconds = time.perf_counter()
+    M.generate(model, [q[:8] for q in questions], max_new_tokens=2, compile=compile)  # warm-up: kernels, allocator
+    warmup_s, seconds = time.perf_counter() - seconds, time.perf_counter()
     for _ in range(turns):
         outs = M.generate(model, turn_prompts, max_new_tokens=attempt_tokens, temperature=1.0, eos_ids=[],
-                          generator=sampler, cache=cache)
+                          generator=sampler, cache=cache, compile=compile)
         sampled += sum(map(len, outs))
         conversations = [c + o + feedback for c, o in zip(conversations, outs)]
         turn_prompts = [feedback] * rows
@@ -410,7 +411,7 @@ def gpu_check(size: str = "1b", device: str = "cuda", lora_rank: int = 0, rows: 
     train_s = time.perf_counter() - seconds
     estimate = memory_estimate(args, cfg, "cuda")
     return {"parameters": parameter_count(args), "lora_rank": lora_rank, "rows": rows, "turns": turns,
-            "attempt_tokens": attempt_tokens, "decode_tok_s": sampled / rollout_s, "rollout_s": rollout_s,
+            "attempt_tokens": attempt_tokens, "compile": compile, "warmup_s": warmup_s, "decode_tok_s": sampled / rollout_s, "rollout_s": rollout_s,
             "train_tok_s": sum(len(e.ids) for e in examples) / train_s, "train_s": train_s,
             "train_examples": len(examples), "example_tokens": len(examples[0].ids),
             "loss": stats["loss"], "weights_moved": not torch.equal(before, trained.detach()),
@@ -427,7 +428,9 @@ def print_gpu_check(r: dict) -> None:
     print("| measure | value |\n|---|---|")
     print(f"| rollout: {r['rows']} rows x {r['turns']} turns x {r['attempt_tokens']} tokens, bf16, KV cache reused "
           f"| {r['rollout_s']:.1f} s |")
-    print(f"| decode tok/s (sampled tokens / rollout time) | {r['decode_tok_s']:,.0f} |")
+    print(f"| decode tok/s (sampled tokens / rollout time){', generate(compile=True)' if r['compile'] else ''} "
+          f"| {r['decode_tok_s']:,.0f} |")
+    print(f"| warm-up generate (compiling, if asked) | {r['warmup_s']:.1f} s |")
     print(f"| one AWR step, {r['train_examples']} x {r['example_tokens']} tokens ({trained}, checkpointing) "
           f"| {r['train_s']:.1f} s |")
     print(f"| train tok/s | {r['train_tok_s']:,.0f} |")
@@ -563,6 +566,7 @@ def main():
     parser.add_argument("--rollout-reps", type=int, default=1, help="repetitions of the (long) rollout section")
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="with --gpu-check: train rank-R LoRA adapters on the bf16 base instead of all weights")
+    parser.add_argument("--compile", action="store_true", help="with --gpu-check: decode with generate(compile=True)")
     parser.add_argument("--gpu-check", nargs="?", const="1b", choices=list(CHECK_SIZES),
                         help="instead of the comparison: a random Llama of this size (default 1b) runs a batched "
                              "multi-turn rollout and one AWR step on --device (cuda), printing decode and training "
@@ -579,7 +583,7 @@ def main():
     if args.gpu_check:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         device = "cuda" if args.device == "cpu" and torch.cuda.is_available() else args.device
-        print_gpu_check(gpu_check(args.gpu_check, device, args.lora_rank))
+        print_gpu_check(gpu_check(args.gpu_check, device, args.lora_rank, args.compile))
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.model is None:
