@@ -275,6 +275,38 @@ def worker_train(args, micro_batch: int = 8) -> dict:
             "train_positions": int(ids.numel()), "matmul_gflops": matmul_gflops(getattr(torch, args.dtype), device)}
 
 
+def worker_collect(args, problems: int = 64) -> dict:
+    """One RISE collection at the SmolLM2 recipe's settings (docs/smollm2.md): best of 4 at each of 5
+    turns under the oracle, 64 tokens at temperature 0.7, `problems` one-step toy problems in one batch
+    of 4 x 64 = 256 rows. Sampled and prefilled tokens are counted as generate returns and takes them."""
+    import data
+    import model as M
+    import rise
+    import toy
+
+    cfg = rise.Config(turns=5, samples=4, temperature=0.7, max_new_tokens=64, rows_per_batch=256,
+                      dtype=args.dtype, device=args.device)
+    policy = rise.load_policy(Path(args.model), cfg, data.GSM8K_PROMPTS)
+    generate, counts = M.generate, {"sampled": 0, "prefilled": 0, "calls": 0}
+
+    def counting(model, prompts, **kw):
+        pending = [len(q) for q in kw["cache"].pending]  # the last sampled token of a turn, fed with the next
+        counts["prefilled"] += sum(len(p) + q for p, q in zip(prompts, pending) if p is not None)
+        outs = generate(model, prompts, **kw)
+        counts["sampled"] += sum(map(len, outs))
+        counts["calls"] += 1
+        return outs
+
+    M.generate = counting
+    start = time.perf_counter()
+    episodes = rise.rollout(policy, toy.make_problems(problems, seed=1, steps=1, max_value=20), cfg, [4] * 5, "oracle",
+                            sampling_seed=0)
+    seconds = time.perf_counter() - start
+    return {"collect_s": seconds, **counts, "turns": sum(len(ep.turns) for ep in episodes) / len(episodes),
+            "parameters": sum(p.numel() for p in policy.model.parameters()),
+            "matmul_gflops": matmul_gflops(getattr(torch, args.dtype), args.device)}
+
+
 def run_worker(kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", str(args.model), "--dtype", args.dtype,
            "--device", args.device, "--reps", str(args.reps), "--rollout-reps", str(args.rollout_reps)]
@@ -492,7 +524,8 @@ def memory_estimate(args: M.ModelArgs, cfg: rise.Config, device_type: str, world
     else:
         act = tokens * args.n_layers * per_token_layer
     training["activations (micro_batch x longest state)"] = act / GiB
-    training["logits, log-probs and their gradient"] = tokens * args.vocab_size * 10 / GiB
+    trained = cfg.micro_batch * (cfg.max_new_tokens + 1)  # rise.awr_loss: the output matrix on trained tokens only
+    training["logits of the trained tokens, log-probs, gradient"] = trained * args.vocab_size * 10 / GiB
     return {"rollouts": rollout, "training": training}
 
 
@@ -571,13 +604,13 @@ def main():
                         help="instead of the comparison: a random Llama of this size (default 1b) runs a batched "
                              "multi-turn rollout and one AWR step on --device (cuda), printing decode and training "
                              "tokens/s and peak memory beside the memory planner's estimate (1b: about 1 minute on one H200)")
-    parser.add_argument("--worker", choices=["speed", "memory_ours", "memory_hf", "rollout", "train"],
+    parser.add_argument("--worker", choices=["speed", "memory_ours", "memory_hf", "rollout", "train", "collect"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         fn = {"speed": worker_speed, "memory_ours": lambda a: worker_memory(a, "ours"),
               "memory_hf": lambda a: worker_memory(a, "hf"), "rollout": worker_rollout,
-              "train": worker_train}[args.worker]
+              "train": worker_train, "collect": worker_collect}[args.worker]
         print(json.dumps(fn(args)))
         return
     if args.gpu_check:
@@ -601,6 +634,7 @@ def main():
     memory = {name: run_worker(f"memory_{name}", args)["peak_mb"] for name in ("ours", "hf")}
     rollout = run_worker("rollout", args)
     train = run_worker("train", args)
+    collect = run_worker("collect", args)
 
     weights = weight_bytes(Path(args.model), getattr(torch, args.dtype))
     bandwidth = speed["bandwidth_gbs"]
@@ -637,11 +671,20 @@ def main():
 
     flops = 6 * parameter_count(M.check_checkpoint(args.model)) * train["train_positions"]
     print(f"\n| AWR training step, 16 examples of 200-420 tokens ({train['train_tokens']} trained), micro-batch 8, "
-          f"{'bf16 autocast' if args.dtype == 'bfloat16' else 'float32'} | seconds | GFLOP/s |\n|---|---|---|")
+          f"{'bf16 autocast' if args.dtype == 'bfloat16' else 'float32'} | seconds | GFLOP/s of a full step |\n|---|---|---|")
     for name, key in (("rise (model.py, rise.awr_loss)", "ours_train_s"), ("transformers", "hf_train_s")):
         print(f"| {name} | {train[key]:.2f} | {flops / train[key] / 1e9:.0f} |")
     print(f"| speed-up | {train['hf_train_s'] / train['ours_train_s']:.2f}x | |")
     print(f"(this machine's {args.dtype} matrix products of a step's shapes: {train['matmul_gflops']:.0f} GFLOP/s)")
+    compute_floor = collect["matmul_gflops"] * 1e9 / (2 * collect["parameters"])  # tok/s if a token cost its products
+    print(f"\n| RISE collection, SmolLM2 recipe: 64 problems x best of 4 x 5 turns, oracle, 64 tokens, {args.dtype} "
+          f"| value |\n|---|---|")
+    print(f"| time | {collect['collect_s']:.1f} s |")
+    print(f"| sampled tok/s | {collect['sampled'] / collect['collect_s']:.1f} |")
+    print(f"| prefilled tokens per sampled token | {collect['prefilled'] / collect['sampled']:.2f} |")
+    print(f"| compute floor: {collect['matmul_gflops']:.0f} GFLOP/s / (2 x {collect['parameters'] / 1e6:.0f}M) | "
+          f"{compute_floor:.0f} tok/s |")
+    print(f"| sampled tok/s / floor | {collect['sampled'] / collect['collect_s'] / compute_floor:.2f} |")
     seconds, (busy1, mine1) = time.perf_counter() - start, busy_seconds()
     others = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / (seconds * (os.cpu_count() or 1))
     print(f"(bench took {seconds:.0f} s; other processes kept {100 * others:.0f}% of the CPU busy meanwhile"

@@ -265,16 +265,18 @@ class Transformer(nn.Module):
         return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
     def forward(self, tokens: torch.Tensor, cache: "KVCache | None" = None, valid: torch.Tensor | None = None,
-                last_only: bool = False, *, compiled: bool = False) -> torch.Tensor:
+                outputs: torch.Tensor | None = None, *, compiled: bool = False) -> torch.Tensor:
         """Logits of a (B, T) batch of token ids.
 
         Without `cache` (training): a plain causal pass over positions 0..T-1, returns (B, T, vocab).
         With `cache`: row b's tokens are appended at positions cache.lengths[b]..; `valid` (B, T) bool
         marks real tokens -- they must come first in each row (right padding) -- and the cache advances
         by that many per row (None: all are real). Give `valid` on the CPU: the cache's bookkeeping is
-        done there, so nothing is read back from the device. `last_only` returns (B, vocab) logits at
-        each row's last valid token only, all that sampling needs. `compiled` runs the layers through
-        torch.compile (see compiled_body): generate asks for it for its decoding steps only.
+        done there, so nothing is read back from the device. `outputs` (B, T) bool: the output matrix
+        runs only at these positions, returning (N, vocab) logits row by row: sampling needs each row's
+        last token, training only its trained tokens, and the 49k-wide matrix is a fifth of a small
+        model. `compiled` runs the layers through torch.compile (see compiled_body): generate asks for
+        it for its decoding steps only.
         """
         B, T = tokens.shape
         device, dtype = tokens.device, self.model.embed_tokens.weight.dtype
@@ -290,10 +292,9 @@ class Transformer(nn.Module):
             mask = attention_mask(positions, kv_len, window, dtype)
         body = compiled_body() if compiled else Transformer.body
         x = body(self, tokens, cos, sin, mask, cache)  # (B, T, dim)
-        if last_only:  # each row's last valid token (padding is on the right)
-            last = T - 1 if valid is None else (valid.cpu().sum(1) - 1).clamp(min=0).to(device)
-            x = x[torch.arange(B, device=device), last]  # (B, dim)
-        return F.linear(x, self.output_weight())  # (B, T, vocab), or (B, vocab) with last_only
+        if outputs is not None:
+            x = x[outputs.to(device)]  # (N, dim)
+        return F.linear(x, self.output_weight())  # (B, T, vocab), or (N, vocab) with outputs
 
     def body(self, tokens, cos, sin, mask, cache=None) -> torch.Tensor:
         """Token ids (B, T) -> final normed hidden states (B, T, dim): all the arithmetic of forward()
@@ -362,16 +363,15 @@ class KVCache:
         return cls(model.args, batch_size, capacity, weight.dtype, weight.device)
 
     def grow(self, capacity: int):
-        """Make room for `capacity` tokens per row, keeping what is cached (amortised doubling)."""
+        """Make room for `capacity` tokens per row, keeping what is cached. Exactly that much, one layer
+        at a time: generate grows once per call (a RISE turn), and the cache is most of a rollout's memory."""
+        capacity = min(capacity, self.args.max_seq_len)
         if capacity <= self.capacity:
             return
-        capacity = min(max(capacity, 2 * self.capacity), self.args.max_seq_len)
-
-        def grown(t):  # the cached tokens, then zeros up to the new spare slot at index `capacity`
-            zeros = t.new_zeros(t.shape[0], capacity + 1 - self.capacity, *t.shape[2:])
-            return torch.cat((t[:, :self.capacity], zeros), 1)
-
-        self.k, self.v = [grown(t) for t in self.k], [grown(t) for t in self.v]
+        for cached in (self.k, self.v):
+            for i, t in enumerate(cached):  # the cached tokens, then zeros up to the new spare slot
+                zeros = t.new_zeros(t.shape[0], capacity + 1 - self.capacity, *t.shape[2:])
+                cached[i] = torch.cat((t[:, :self.capacity], zeros), 1)
         self.capacity = capacity
 
     def advance(self, T: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -401,8 +401,9 @@ class KVCache:
     def reorder(self, index) -> None:
         """Row i becomes a copy of old row index[i]: best-of-N continues every sample from the best one."""
         index = torch.as_tensor(index, dtype=torch.long)
-        self.k = [t.index_select(0, index.to(self.device)) for t in self.k]
-        self.v = [t.index_select(0, index.to(self.device)) for t in self.v]
+        for cached in (self.k, self.v):
+            for i, t in enumerate(cached):  # one layer at a time: never two copies of the whole cache
+                cached[i] = t.index_select(0, index.to(self.device))
         self.lengths = self.lengths[index]
         self.pending = [list(self.pending[i]) for i in index.tolist()]
 
@@ -441,7 +442,7 @@ def generate(model: Transformer, prompts: list[list[int] | None], *, max_new_tok
     prompts: token ids per row, of any lengths. With `cache` (from an earlier call, or
         KVCache.for_model), each row's prompt is *appended* to that row's conversation: this is
         how a RISE turn continues an episode without re-encoding it. A row given None is left
-        alone (its episode is over) and gets [].
+        alone (its episode is over) and gets []. max_new_tokens=0 only encodes the prompts.
     Each row stops at its first token in eos_ids (default: the checkpoint's), when its decoded
         continuation contains one of stop_strings (needs a tokenizer: anything with
         decode(ids, skip_special_tokens=...), such as data.Tokenizer), or after max_new_tokens.
@@ -483,7 +484,8 @@ def generate(model: Transformer, prompts: list[list[int] | None], *, max_new_tok
     valid = torch.arange(T) < n_new[:, None]  # (B, T)
     flat = torch.tensor([t for f in feed for t in f], dtype=torch.long)
     tokens = torch.zeros(B, T, dtype=torch.long).masked_scatter_(valid, flat)  # fills row by row, in order
-    logits = model(tokens.to(device), cache=cache, valid=valid, last_only=True)
+    last = torch.arange(T) == (n_new[:, None] - 1).clamp(min=0)  # each row's last new token (padding is on the right)
+    logits = model(tokens.to(device), cache=cache, valid=valid, outputs=last)  # (B, vocab)
 
     out: list[list[int]] = [[] for _ in range(B)]
     done = [not a for a in active]
@@ -508,7 +510,7 @@ def generate(model: Transformer, prompts: list[list[int] | None], *, max_new_tok
             break
         # finished rows still ride along (as padding, written nowhere that is read) to keep the batch whole
         step_valid = torch.tensor([not d for d in done])[:, None] if any(done) else None
-        logits = model(next_ids[:, None], cache=cache, valid=step_valid, last_only=True, compiled=compile)
+        logits = model(next_ids[:, None], cache=cache, valid=step_valid, compiled=compile)[:, 0]
     # each row's last sampled token is not yet run through the model: the next call feeds it first
     cache.pending = [[o[-1]] if active[b] and o else cache.pending[b] for b, o in enumerate(out)]
     return out

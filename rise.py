@@ -144,7 +144,7 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, widths: l
     first best one (official code: first argmax of reward) or, with cfg.keep "first", the first one, and
     all its rows of the next turn continue from it (the cache rows are copied). Under the oracle an
     episode ends at its first correct answer. The cache of each row is reused from turn to turn: only
-    the feedback is encoded. With a teacher (RISE-Distill), the policy writes turn 1 and the teacher
+    the feedback is encoded, once per episode. With a teacher (RISE-Distill), the policy writes turn 1 and the teacher
     every later turn.
     """
     episodes = [data.Episode(p, protocol) for p in problems]
@@ -160,20 +160,20 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, widths: l
             writer = current
             prompts = [data.render_state(tok, data.state_messages(episodes[i].problem, episodes[i].attempts,
                                                                   current.prompts, protocol, cfg.context))
-                       for i in live for _ in range(width)]
+                       for i in live]
             cache = M.KVCache.for_model(current.model, len(prompts), max(map(len, prompts)) + cfg.max_new_tokens)
             generator = torch.Generator(device=cache.device).manual_seed(sampling_seed + t)
         else:
-            # continue each row's cache: end of the kept attempt, the feedback, the next turn's prompt
-            prompts = []
-            for i, ids in zip(live, sampled):
-                ep = episodes[i]
-                more = data.continuation_tokens(tok, ep.problem, ep.attempts, ids, current.prompts, protocol,
-                                                current.model.args.eos_ids)
-                prompts += [more] * width
-        outs = M.generate(current.model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                          top_p=cfg.top_p, stop_strings=data.stop_strings(tok), tokenizer=tok,
-                          generator=generator, cache=cache)
+            # continue each episode's cache: end of the kept attempt, the feedback, the next turn's prompt
+            prompts = [data.continuation_tokens(tok, episodes[i].problem, episodes[i].attempts, ids, current.prompts,
+                                                protocol, current.model.args.eos_ids) for i, ids in zip(live, sampled)]
+        if width > 1:  # encode each episode's new tokens once, then copy its cache row to its `width` samples
+            M.generate(current.model, [p[:-1] for p in prompts], max_new_tokens=0, cache=cache)
+            cache.reorder([k for k in range(len(live)) for _ in range(width)])
+            prompts = [p[-1:] for p in prompts]
+        outs = M.generate(current.model, [p for p in prompts for _ in range(width)], max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, top_p=cfg.top_p, stop_strings=data.stop_strings(tok),
+                          tokenizer=tok, generator=generator, cache=cache)
         next_width = widths[t + 1] if t + 1 < len(widths) else 0
         keep_rows, sampled, still_live = [], [], []
         for k, i in enumerate(live):
@@ -188,10 +188,10 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, widths: l
                 continue  # the oracle stops a solved episode
             still_live.append(i)
             sampled.append(rows[kept])
-            keep_rows += [k * width + kept] * next_width
+            keep_rows.append(k * width + kept)
         live = still_live
         if live and next_width:
-            cache.reorder(keep_rows)  # drop finished episodes; every row continues from the kept attempt
+            cache.reorder(keep_rows)  # drop finished episodes; one row each, from the kept attempt
         if progress is not None:
             progress.update(len(outs))
     return episodes
@@ -267,20 +267,21 @@ def batch_tensors(examples: list[data.Example], pad_id: int, device) -> tuple[to
     return ids.to(device), mask.to(device), weights.to(device)
 
 
-def token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
-    """log p(ids[:, t] | ids[:, :t]) for t >= 1, (B, T-1), at temperature 1 (we train the policy itself,
-    not the tempered sampler), computed in float32."""
-    logits = model(ids[:, :-1]).float()
-    return -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+def token_logprobs(model, ids: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    """log p(ids[b, t + 1] | ids[b, :t + 1]) where trained (B, T-1) is set, flattened row by row, at
+    temperature 1 (we train the policy itself, not the tempered sampler), computed in float32. The
+    output matrix runs at the trained positions only: most of a state is context."""
+    logits = model(ids[:, :-1], outputs=trained).float()  # (N, vocab)
+    return -F.cross_entropy(logits, ids[:, 1:][trained], reduction="none")
 
 
 def awr_loss(model, ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Sum over the batch of weight * (mean negative log-likelihood of the response's tokens).
     The caller divides by the number of examples per optimizer step."""
-    logp = token_logprobs(model, ids)
-    target = mask[:, 1:]
-    per_example = -(logp * target).sum(1) / target.sum(1).clamp(min=1)
-    return (weights * per_example).sum()
+    trained = mask[:, 1:] > 0
+    nll = -token_logprobs(model, ids, trained)
+    per_example = torch.zeros_like(weights).index_add_(0, trained.nonzero()[:, 0], nll)
+    return (weights * per_example / trained.sum(1).clamp(min=1)).sum()
 
 
 def lr_at(step: int, total: int, warmup: float) -> float:

@@ -34,3 +34,12 @@ def test_the_training_step_comparison_runs_both_engines(tiny_checkpoints):
                                               reps=1), micro_batch=8)
     assert r["ours_train_s"] > 0 and r["hf_train_s"] > 0 and r["matmul_gflops"] > 0
     assert r["train_tokens"] == 16 * 64 and r["train_positions"] == 16 * 420
+
+
+def test_the_collection_timing_counts_what_generate_samples_and_prefills(tiny_checkpoints):
+    import argparse
+
+    r = bench.worker_collect(argparse.Namespace(model=str(tiny_checkpoints["tied"]), dtype="float32", device="cpu"),
+                             problems=2)
+    assert 1 <= r["calls"] <= 10 and 0 < r["sampled"] <= 2 * 4 * 5 * 64  # (two calls a turn: encode, sample)
+    assert r["prefilled"] > 0 and r["collect_s"] > 0 and 1 <= r["turns"] <= 5

@@ -34,9 +34,11 @@ def test_full_and_cached_logits_match_transformers(tiny_checkpoints, name):
         expected = ref(tokens).logits
         full = ours(tokens)
         assert (full - expected).abs().max() <= TOL
+        picked = torch.rand(2, T, generator=torch.Generator().manual_seed(0)) < 0.3  # the output matrix only there
+        assert (ours(tokens, outputs=picked) - expected[picked]).abs().max() <= TOL
         # one token at a time through the KV cache
         cache = M.KVCache.for_model(ours, 2, T)
-        steps = torch.stack([ours(tokens[:, t:t + 1], cache=cache, last_only=True) for t in range(T)], 1)
+        steps = torch.cat([ours(tokens[:, t:t + 1], cache=cache) for t in range(T)], 1)
         assert (steps - expected).abs().max() <= TOL
         # two chunks through the cache: the first is plain causal, the second needs a mask
         cache = M.KVCache.for_model(ours, 2, T)

@@ -107,6 +107,20 @@ def test_training_examples_mask_exactly_the_candidate(toy_policy):
     assert [e.weight for e in official] == pytest.approx([math.exp(0.0), math.exp(2.5)])  # kept: wrong, right
 
 
+def test_awr_loss_is_the_weighted_mean_nll_of_the_trained_tokens(toy_policy):
+    """The loss runs the output matrix on trained positions only; it equals the plain formula over all logits."""
+    g = torch.Generator().manual_seed(0)
+    model = toy_policy.model
+    ids = torch.randint(0, model.args.vocab_size, (3, 12), generator=g)
+    mask = torch.zeros(3, 12)
+    mask[0, 5:9], mask[1, 2:], mask[2, 11] = 1, 1, 1  # row 1 has padding-free training to the end
+    weights = torch.tensor([0.5, 2.0, 1.0])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[:, :-1]).float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        expected = (weights * -(logp * mask[:, 1:]).sum(1) / mask[:, 1:].sum(1)).sum()
+        assert torch.allclose(rise.awr_loss(model, ids, mask, weights), expected, atol=1e-5)
+
+
 def test_one_awr_step_raises_the_correct_candidate_most(toy_policy):
     torch.manual_seed(0)
     policy = rise.Policy(M.Transformer(toy_policy.model.args), toy_policy.tokenizer, data.TOY_PROMPTS)
@@ -119,7 +133,9 @@ def test_one_awr_step_raises_the_correct_candidate_most(toy_policy):
     def loglik():
         ids, mask, _ = rise.batch_tensors(examples, policy.tokenizer.pad_id, "cpu")
         with torch.no_grad():
-            return ((rise.token_logprobs(policy.model, ids) * mask[:, 1:]).sum(1)).tolist()
+            trained = mask[:, 1:] > 0
+            logp = rise.token_logprobs(policy.model, ids, trained)
+            return torch.zeros(len(ids)).index_add_(0, trained.nonzero()[:, 0], logp).tolist()
 
     before = loglik()
     cfg = rise.Config(lr=1e-3, epochs=1, batch_size=4, micro_batch=2, warmup=0.0)
@@ -206,18 +222,26 @@ def test_rise_distill_the_teacher_writes_turns_2_to_T(toy_policy):
         assert set(texts(distilled, t)) == {""} and any(texts(alone, t))  # later turns: the teacher's
 
 
-def test_one_sample_at_turn_1_then_best_of_n_continues_from_it(toy_policy):
+@pytest.mark.parametrize("widths", [[1, 3, 3], [3, 3, 3]])
+def test_one_sample_at_turn_1_then_best_of_n_continues_from_it(toy_policy, monkeypatch, widths):
     """--first-samples 1 (the official recipe): one row per episode at turn 1, N rows after it, each a
-    copy of that row's cache; greedy, the N copies write what a 1-row rollout writes."""
+    copy of that row's cache; greedy, the N copies write what a 1-row rollout writes. A turn's new
+    tokens are encoded once per episode (one row each), and its N rows then start from that cache."""
     torch.manual_seed(2)
     policy = rise.Policy(M.Transformer(toy_policy.model.args).eval(), toy_policy.tokenizer, data.TOY_PROMPTS)
     for p in policy.model.parameters():
         torch.nn.init.normal_(p, std=0.1)
     problems = toy.make_problems(4, seed=2)
     cfg = rise.Config(max_new_tokens=10, temperature=0.0, device="cpu")
-    wide = rise.rollout(policy, problems, cfg, [1, 3, 3], "neutral")
     narrow = rise.rollout(policy, problems, cfg, [1, 1, 1], "neutral")
-    assert all([len(turn) for turn in ep.turns] == [1, 3, 3] for ep in wide)
+    calls, generate = [], M.generate
+    monkeypatch.setattr(M, "generate", lambda model, prompts, **kw: calls.append(prompts) or generate(model, prompts, **kw))
+    wide = rise.rollout(policy, problems, cfg, widths, "neutral")
+    for width in widths:  # an encoding call of one row per episode, then a sampling call of `width` rows
+        encode, sampled = (calls.pop(0), calls.pop(0)) if width > 1 else ([], calls.pop(0))
+        assert len(encode) == (4 if width > 1 else 0) and len(sampled) == 4 * width
+        assert width == 1 or all(len(p) == 1 for p in sampled)
+    assert all([len(turn) for turn in ep.turns] == widths for ep in wide)
     for w, n in zip(wide, narrow):
         assert [[c.text for c in turn] for turn in w.turns] == [[c.text for c in turn] * len(wt)
                                                                  for turn, wt in zip(n.turns, w.turns)]
