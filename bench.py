@@ -1,7 +1,7 @@
 """
 bench.py -- speed and memory of model.py against Hugging Face transformers, on a real checkpoint.
 
-    python bench.py                       # SmolLM2-135M-Instruct (built from its GGUF, see tests/smollm2.py)
+    python bench.py                       # SmolLM2-135M-Instruct (built from its GGUF, see smollm2.py)
     python bench.py --model DIR --dtype bfloat16 --device cuda
     python bench.py --estimate-memory --model mistral-7b --device cuda [rise.py flags]   # plan a big run
 
@@ -620,7 +620,7 @@ def main():
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.model is None:
-        from tests.smollm2 import build_smollm2
+        from smollm2 import build_smollm2
         args.model = build_smollm2()
 
     import transformers

@@ -194,7 +194,7 @@ MODEL_NAMES = {
 
 def resolve_model(name: str) -> Path:
     """A checkpoint directory found without the network: the path `name`, $RISE_MODELS/<name> (default
-    $RISE_CACHE/models, where `python tests/smollm2.py` writes smollm2-135m), or the
+    $RISE_CACHE/models, where `python smollm2.py` writes smollm2-135m), or the
     Hugging Face cache's snapshot that refs/main names (what `huggingface-cli download` fetched last)."""
     path = Path(name).expanduser()
     if path.is_dir():
@@ -233,10 +233,13 @@ def base_checkpoint(cfg: Config) -> Path:
 
 def load_problems(spec: str, limit: int | None, cfg: Config) -> list[data.Problem]:
     """The first `limit` problems of a data.load_problems set ("toy:train" / "toy:test" are the toy
-    base's), every one of them text that can be encoded."""
+    base's, "arith:train" / "arith:test" SmolLM2's), every one of them text that can be encoded."""
     if spec.startswith("toy:"):
         import toy
         problems = toy.recipe(cfg.toy_pretrain_steps).problems(spec.removeprefix("toy:"))[:limit]
+    elif spec.startswith("arith:"):
+        import toy
+        problems = toy.arith_problems(spec.removeprefix("arith:"))[:limit]
     else:
         problems = data.load_problems(spec)[:limit]
     for p in problems:

@@ -106,8 +106,8 @@ def load_math(path: str | Path | None = None) -> list[Problem]:
 
 
 def load_problems(spec: str) -> list[Problem]:
-    """"gsm8k:train", "gsm8k:test", "math:test" or a path to a .jsonl file (the CPU toy's "toy:train" and
-    "toy:test" are made by toy.py; rise.py reads those)."""
+    """"gsm8k:train", "gsm8k:test", "math:test" or a path to a .jsonl file (the CPU toy's "toy:*" and
+    SmolLM2's "arith:*" are made by toy.py; rise.py reads those)."""
     name, _, split = spec.partition(":")
     if name == "gsm8k" and split in ("train", "test"):
         return load_gsm8k(split)
@@ -116,7 +116,7 @@ def load_problems(spec: str) -> list[Problem]:
     if spec.endswith(".jsonl"):
         return read_problems(spec, Path(spec).stem)
     raise DataError(f"unknown problem set {spec!r}: use gsm8k:train, gsm8k:test, math:test, toy:train, toy:dev, "
-                     "toy:test or a path to a .jsonl file")
+                     "toy:test, arith:train, arith:dev, arith:test or a path to a .jsonl file")
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,8 +70,9 @@ def opt(default, help: str, **rules):
 class Config:
     model: str = opt("toy", "checkpoint directory, a name in checks.MODEL_NAMES (found offline) or 'toy' (toy.py)")
     teacher: str | None = opt(None, "RISE-Distill: a stronger checkpoint that writes turns 2..T (none: RISE-Self)")
-    train_data: str = opt("gsm8k:train", "gsm8k:train, toy:train or a .jsonl file of question/answer lines")
-    eval_data: str = opt("gsm8k:test", "gsm8k:test, math:test, toy:test, toy:dev (choose settings on it) or a .jsonl")
+    train_data: str = opt("gsm8k:train", "gsm8k:train, toy:train, arith:train or a .jsonl of question/answer lines")
+    eval_data: str = opt("gsm8k:test", "gsm8k:test, math:test, toy:test, arith:test, toy:dev or arith:dev (choose "
+                         "settings on dev) or a .jsonl")
     train_problems: int | None = opt(None, "use only the first K training problems (none: all)", min=1)
     eval_problems: int | None = opt(None, "use only the first K evaluation problems (none: all)", min=1)
     turns: int = opt(5, "T: attempts per episode", min=1)
@@ -627,26 +628,28 @@ def run(cfg: Config, base_path: Path, train_problems: list[data.Problem], eval_p
 
 def parse_args(argv=None) -> tuple[Config, bool, set[str]]:
     """Config from the command line: one flag per field, its help and default from the field; flags left
-    out take the toy's defaults (toy.PRESET) with --model toy and Config's otherwise."""
+    out take a preset's values (toy.PRESETS: --model toy, the default, and smollm2-135m) or Config's."""
     import toy
 
     parser = argparse.ArgumentParser(
         description="RISE (Recursive Introspection, Qu et al. 2024): teach a model to improve its own answer over "
                     "several turns. With no arguments: a CPU toy that builds a tiny model and shows the effect.",
-        epilog="Flags left out take the toy's defaults with --model toy (the default) and the paper's otherwise. "
+        epilog="Flags left out take the toy's defaults with --model toy (the default), the recipe of "
+               "docs/smollm2.md with --model smollm2-135m (built by `python smollm2.py`) and the paper's otherwise. "
                "Plan the memory of a big run with `python bench.py --estimate-memory [flags]`.")
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
         kind = next(t for t in typing.get_args(hints[f.name]) or [hints[f.name]] if t is not type(None))
-        toy_default = toy.PRESET.get(f.name, f.default)
-        default = f"default: {f.default}" + (f"; toy: {toy_default}" if toy_default != f.default else "")
+        presets = [f"; {name}: {preset[f.name]}" for name, preset in toy.PRESETS.items()
+                   if preset.get(f.name, f.default) != f.default]
+        default = f"default: {f.default}" + "".join(presets)
         extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
         parser.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{f.metadata['help']} ({default})",
                             choices=f.metadata.get("choices"), **extra)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed stage")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
-    preset = toy.PRESET if (args["model"] or Config.model) == "toy" else {}
+    preset = toy.PRESETS.get(args["model"] or Config.model, {})
     given = {k for k, v in args.items() if v is not None}
     return Config(**{**preset, **{k: args[k] for k in given}}), resume, given
 

@@ -11,6 +11,7 @@ What is here, top to bottom:
   words, write_tokenizer   a Hugging Face tokenizer directory, a token per word and per digit, with a
                            tiny chat template
   PRESET                   the rise.py settings `python rise.py` uses for it
+  SMOLLM2_PRESET, arith_problems   `python rise.py --model smollm2-135m`'s settings and one-step problems
   Recipe, build_base       how the base model is pre-trained from scratch (two phases, see Recipe), and
                            the builder that caches it as an ordinary Hugging Face checkpoint
 """
@@ -166,6 +167,24 @@ PRESET = dict(train_data="toy:train", eval_data="toy:test", train_problems=1000,
               samples=4, first_samples=1, keep="first", context="last", iterations=2, feedback="oracle",
               max_new_tokens=40, beta=0.25, lr=2e-4, epochs=2, batch_size=64, micro_batch=32, rows_per_batch=512,
               amp=False, dtype="float32", out="runs/toy")
+
+
+# `python rise.py --model smollm2-135m` (after `python smollm2.py`): the real model's recipe, docs/smollm2.md,
+# on one-step word problems made in place (arith:train, arith:dev, arith:test); any flag still overrides it.
+SMOLLM2_PRESET = dict(train_data="arith:train", eval_data="arith:test", train_problems=300, eval_problems=300,
+                      samples=4, temperature=0.7, max_new_tokens=64, lr=3e-5, epochs=1, batch_size=16, micro_batch=8,
+                      rows_per_batch=256, iterations=1, out="runs/smollm2")
+PRESETS = {"toy": PRESET, "smollm2-135m": SMOLLM2_PRESET}
+ARITH = dict(steps=1, max_value=20, ops="+-")  # arith:*'s problems, drawn with seed 1
+ARITH_SIZES = {"train": 2000, "dev": 500, "test": 500}
+
+
+def arith_problems(split: str) -> list[data.Problem]:
+    """arith:train/dev/test: the one-step problems SmolLM2's recipe uses ("Max has 12 pens. He gets 2 more.
+    How many pens now?"), the same as `python toy.py --problems DIR` writes."""
+    if split not in ARITH_SIZES:
+        raise data.DataError(f"arith:{split}: no such split; use arith:train, arith:dev or arith:test")
+    return splits(ARITH_SIZES["train"], ARITH_SIZES["test"], 1, n_dev=ARITH_SIZES["dev"], **ARITH)[split]
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,10 +352,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Write toy problems as .jsonl files, for a real model. (The toy "
                                      "base is built by `python rise.py`, which caches it.)")
     parser.add_argument("--problems", metavar="FOLDER", required=True, help="write FOLDER/{train,dev,test}.jsonl")
-    parser.add_argument("--steps", type=int, default=1, help="operations per problem (with --problems)")
-    parser.add_argument("--max-value", type=int, default=20, help="bound on every number (with --problems)")
-    parser.add_argument("--ops", default="+-", help="operations, from '+-*' (with --problems)")
-    parser.add_argument("--sizes", type=int, nargs=3, default=[2000, 500, 500], metavar=("TRAIN", "DEV", "TEST"))
+    parser.add_argument("--steps", type=int, default=ARITH["steps"], help="operations per problem (with --problems)")
+    parser.add_argument("--max-value", type=int, default=ARITH["max_value"], help="bound on every number")
+    parser.add_argument("--ops", default=ARITH["ops"], help="operations, from '+-*' (with --problems)")
+    parser.add_argument("--sizes", type=int, nargs=3, default=list(ARITH_SIZES.values()), metavar=("TRAIN", "DEV", "TEST"))
     args = parser.parse_args()
     sizes = dict(zip(["train", "dev", "test"], args.sizes))
     print(write_problems(args.problems, sizes, steps=args.steps, max_value=args.max_value, ops=args.ops))

