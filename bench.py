@@ -22,6 +22,9 @@ each in a process of its own):
   training step   one AWR optimizer step on 16 examples of 200-420 tokens (the last 64 trained), in
                   micro-batches of 8: rise.awr_loss on model.py against the same loss on transformers,
                   with the machine's matrix-product rate on the step's shapes beside them
+  RISE collection the SmolLM2 recipe's collection (64 problems, best of 4 x 5 turns, oracle, 64 tokens
+                  at temperature 0.7, 256 rows): sampled tokens/s against the compute floor (the
+                  matrix-product rate / 2 FLOPs per parameter), and tokens prefilled per token sampled
   matrix products every weight matrix applied to 1 (or 32) vectors, nothing else: how much of a
                   decoding step is the products themselves, and how much the kernels between them.
                   Both engines run these same float32 products, so they also bound what any
@@ -298,10 +301,13 @@ def worker_collect(args, problems: int = 64) -> dict:
         return outs
 
     M.generate = counting
-    start = time.perf_counter()
-    episodes = rise.rollout(policy, toy.make_problems(problems, seed=1, steps=1, max_value=20), cfg, [4] * 5, "oracle",
-                            sampling_seed=0)
-    seconds = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        episodes = rise.rollout(policy, toy.make_problems(problems, seed=1, steps=1, max_value=20), cfg, [4] * 5,
+                                "oracle", sampling_seed=0)
+        seconds = time.perf_counter() - start
+    finally:
+        M.generate = generate  # (tests call this worker in their own process)
     return {"collect_s": seconds, **counts, "turns": sum(len(ep.turns) for ep in episodes) / len(episodes),
             "parameters": sum(p.numel() for p in policy.model.parameters()),
             "matmul_gflops": matmul_gflops(getattr(torch, args.dtype), args.device)}
@@ -525,7 +531,7 @@ def memory_estimate(args: M.ModelArgs, cfg: rise.Config, device_type: str, world
         act = tokens * args.n_layers * per_token_layer
     training["activations (micro_batch x longest state)"] = act / GiB
     trained = cfg.micro_batch * (cfg.max_new_tokens + 1)  # rise.awr_loss: the output matrix on trained tokens only
-    training["logits of the trained tokens, log-probs, gradient"] = trained * args.vocab_size * 10 / GiB
+    training["logits, log-probs, gradient: trained tokens"] = trained * args.vocab_size * 10 / GiB
     return {"rollouts": rollout, "training": training}
 
 

@@ -236,4 +236,4 @@ def test_bench_estimate_memory_plans_a_7b_run_from_its_config_alone(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "memory estimate per cuda device (7.24B parameters" in done.stdout
-    assert "rollouts: 38.0 GiB" in done.stdout and "training: 22.8 GiB" in done.stdout  # docs/gpu.md's table
+    assert "rollouts: 38.0 GiB" in done.stdout and "training: 19.7 GiB" in done.stdout  # docs/gpu.md's table
