@@ -303,8 +303,8 @@ def worker_collect(args, problems: int = 64) -> dict:
     M.generate = counting
     try:
         start = time.perf_counter()
-        episodes = rise.rollout(policy, toy.make_problems(problems, seed=1, steps=1, max_value=20), cfg, [4] * 5,
-                                "oracle", sampling_seed=0)
+        episodes = rise.rollout(policy, toy.make_problems(problems, seed=1, **toy.ARITH), cfg, [4] * 5, "oracle",
+                                sampling_seed=0)
         seconds = time.perf_counter() - start
     finally:
         M.generate = generate  # (tests call this worker in their own process)
@@ -376,8 +376,8 @@ CHECK_SIZES = {
 }
 
 
-def gpu_check(size: str = "1b", device: str = "cuda", lora_rank: int = 0, compile: bool = False, rows: int = 64, turns: int = 3,
-              prompt_len: int = 256, attempt_tokens: int = 128, feedback_len: int = 64, train_examples: int = 16,
+def gpu_check(size: str = "1b", device: str = "cuda", lora_rank: int = 0, compile: bool = False, rows: int = 64,
+              turns: int = 3, prompt_len: int = 256, attempt_tokens: int = 128, feedback_len: int = 64, train_examples: int = 16,
               micro_batch: int = 4, seed: int = 0) -> dict:
     """RISE's two workloads at realistic width, with random weights: a batched multi-turn rollout in
     bfloat16 (the KV cache reused across turns, sampling at temperature 1), then one AWR optimizer step
@@ -438,7 +438,8 @@ def gpu_check(size: str = "1b", device: str = "cuda", lora_rank: int = 0, compil
                       max_new_tokens=attempt_tokens, rows_per_batch=rows)
     rise.train(model, examples[:micro_batch], dataclasses.replace(cfg, batch_size=micro_batch, lr=1e-12),
                pad_id=0, desc="gpu check: warm-up step")  # (kernels, allocator, optimizer path)
-    trained = next(p for n, p in model.named_parameters() if p.requires_grad and "lora_A" not in n)  # (A's gradient is 0 while B is)
+    # a weight this step must move (LoRA's A gets no gradient while B is still 0)
+    trained = next(p for n, p in model.named_parameters() if p.requires_grad and "lora_A" not in n)
     before = trained.detach().clone()
     if cuda:
         torch.cuda.synchronize()
@@ -449,7 +450,8 @@ def gpu_check(size: str = "1b", device: str = "cuda", lora_rank: int = 0, compil
     train_s = time.perf_counter() - seconds
     estimate = memory_estimate(args, cfg, "cuda")
     return {"parameters": parameter_count(args), "lora_rank": lora_rank, "rows": rows, "turns": turns,
-            "attempt_tokens": attempt_tokens, "compile": compile, "warmup_s": warmup_s, "decode_tok_s": sampled / rollout_s, "rollout_s": rollout_s,
+            "attempt_tokens": attempt_tokens, "compile": compile, "warmup_s": warmup_s,
+            "decode_tok_s": sampled / rollout_s, "rollout_s": rollout_s,
             "train_tok_s": sum(len(e.ids) for e in examples) / train_s, "train_s": train_s,
             "train_examples": len(examples), "example_tokens": len(examples[0].ids),
             "loss": stats["loss"], "weights_moved": not torch.equal(before, trained.detach()),
@@ -609,7 +611,8 @@ def main():
     parser.add_argument("--gpu-check", nargs="?", const="1b", choices=list(CHECK_SIZES),
                         help="instead of the comparison: a random Llama of this size (default 1b) runs a batched "
                              "multi-turn rollout and one AWR step on --device (cuda), printing decode and training "
-                             "tokens/s and peak memory beside the memory planner's estimate (1b: about 1 minute on one H200)")
+                             "tokens/s and peak memory beside the memory planner's estimate (1b: about 1 minute "
+                             "on one H200)")
     parser.add_argument("--worker", choices=["speed", "memory_ours", "memory_hf", "rollout", "train", "collect"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -677,7 +680,8 @@ def main():
 
     flops = 6 * parameter_count(M.check_checkpoint(args.model)) * train["train_positions"]
     print(f"\n| AWR training step, 16 examples of 200-420 tokens ({train['train_tokens']} trained), micro-batch 8, "
-          f"{'bf16 autocast' if args.dtype == 'bfloat16' else 'float32'} | seconds | GFLOP/s of a full step |\n|---|---|---|")
+          f"{'bf16 autocast' if args.dtype == 'bfloat16' else 'float32'} | seconds | GFLOP/s of a full step |"
+          "\n|---|---|---|")
     for name, key in (("rise (model.py, rise.awr_loss)", "ours_train_s"), ("transformers", "hf_train_s")):
         print(f"| {name} | {train[key]:.2f} | {flops / train[key] / 1e9:.0f} |")
     print(f"| speed-up | {train['hf_train_s'] / train['ours_train_s']:.2f}x | |")

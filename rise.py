@@ -145,8 +145,8 @@ def rollout(policy: Policy, problems: list[data.Problem], cfg: Config, widths: l
     first best one (official code: first argmax of reward) or, with cfg.keep "first", the first one, and
     all its rows of the next turn continue from it (the cache rows are copied). Under the oracle an
     episode ends at its first correct answer. The cache of each row is reused from turn to turn: only
-    the feedback is encoded, once per episode. With a teacher (RISE-Distill), the policy writes turn 1 and the teacher
-    every later turn.
+    the feedback is encoded, once per episode. With a teacher (RISE-Distill), the policy writes turn 1
+    and the teacher every later turn.
     """
     episodes = [data.Episode(p, protocol) for p in problems]
     live = list(range(len(problems)))  # episodes still running; row r of turn t belongs to live[r // widths[t]]

@@ -357,7 +357,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=ARITH["steps"], help="operations per problem (with --problems)")
     parser.add_argument("--max-value", type=int, default=ARITH["max_value"], help="bound on every number")
     parser.add_argument("--ops", default=ARITH["ops"], help="operations, from '+-*' (with --problems)")
-    parser.add_argument("--sizes", type=int, nargs=3, default=list(ARITH_SIZES.values()), metavar=("TRAIN", "DEV", "TEST"))
+    parser.add_argument("--sizes", type=int, nargs=3, default=list(ARITH_SIZES.values()),
+                        metavar=("TRAIN", "DEV", "TEST"))
     args = parser.parse_args()
     sizes = dict(zip(["train", "dev", "test"], args.sizes))
     print(write_problems(args.problems, sizes, steps=args.steps, max_value=args.max_value, ops=args.ops))

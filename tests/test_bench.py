@@ -13,7 +13,8 @@ import model as M
 def test_gpu_check_runs_a_rollout_and_an_awr_step_on_cpu(lora_rank):
     r = bench.gpu_check("tiny", device="cpu", lora_rank=lora_rank, rows=4, turns=2, prompt_len=12, attempt_tokens=10,
                         feedback_len=3, train_examples=4, micro_batch=2)
-    assert r["parameters"] == sum(p.numel() for p in M.Transformer(M.ModelArgs(**bench.CHECK_SIZES["tiny"])).parameters())
+    tiny = M.Transformer(M.ModelArgs(**bench.CHECK_SIZES["tiny"]))
+    assert r["parameters"] == sum(p.numel() for p in tiny.parameters())
     assert r["decode_tok_s"] > 0 and r["train_tok_s"] > 0
     assert math.isfinite(r["loss"]) and r["loss"] > 0 and r["weights_moved"]
     assert r["example_tokens"] == 12 + 2 * 10 + 3  # the whole state up to its last attempt

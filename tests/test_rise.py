@@ -235,7 +235,8 @@ def test_one_sample_at_turn_1_then_best_of_n_continues_from_it(toy_policy, monke
     cfg = rise.Config(max_new_tokens=10, temperature=0.0, device="cpu")
     narrow = rise.rollout(policy, problems, cfg, [1, 1, 1], "neutral")
     calls, generate = [], M.generate
-    monkeypatch.setattr(M, "generate", lambda model, prompts, **kw: calls.append(prompts) or generate(model, prompts, **kw))
+    monkeypatch.setattr(M, "generate",
+                        lambda model, prompts, **kw: calls.append(prompts) or generate(model, prompts, **kw))
     wide = rise.rollout(policy, problems, cfg, widths, "neutral")
     for width in widths:  # an encoding call of one row per episode, then a sampling call of `width` rows
         encode, sampled = (calls.pop(0), calls.pop(0)) if width > 1 else ([], calls.pop(0))

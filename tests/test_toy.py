@@ -143,7 +143,8 @@ def test_the_smollm2_preset_applies_to_its_name_only_and_flags_override_it():
     cfg, _, _ = rise.parse_args(["--model", "smollm2-135m"])
     assert (cfg.train_data, cfg.eval_data, cfg.max_new_tokens, cfg.lr) == ("arith:train", "arith:test", 64, 3e-5)
     cfg, _, given = rise.parse_args(["--model", "smollm2-135m", "--lr", "1e-4", "--eval-data", "arith:dev"])
-    assert (cfg.lr, cfg.eval_data, cfg.temperature) == (1e-4, "arith:dev", 0.7) and given == {"model", "lr", "eval_data"}
+    assert (cfg.lr, cfg.eval_data, cfg.temperature) == (1e-4, "arith:dev", 0.7)
+    assert given == {"model", "lr", "eval_data"}
     cfg, _, _ = rise.parse_args(["--model", "mistral-7b"])
     assert (cfg.train_data, cfg.max_new_tokens, cfg.lr) == ("gsm8k:train", rise.Config.max_new_tokens, rise.Config.lr)
 
