@@ -19,9 +19,10 @@ each in a process of its own):
   bandwidth floor batch-1 decode must stream every weight once per token: weight bytes divided by
                   the measured copy bandwidth (bytes read + written per second, STREAM's convention)
                   is the fastest a token can be; we report what fraction of that we reach.
-  training step   one AWR optimizer step on 16 examples of 200-420 tokens (the last 64 trained), in
-                  micro-batches of 8: rise.awr_loss on model.py against the same loss on transformers,
-                  with the machine's matrix-product rate on the step's shapes beside them
+  training step   one AWR optimizer step on 16 examples of 200-420 tokens, 4 attempts of 64 tokens at
+                  each of 4 states (a turn's best-of-4), in micro-batches of 8: rise.awr_loss on model.py
+                  (each state run once, its attempts packed after it) against the same loss on
+                  transformers (a row per example), with the machine's matrix-product rate beside them
   RISE collection the SmolLM2 recipe's collection (64 problems, best of 4 x 5 turns, oracle, 64 tokens
                   at temperature 0.7, 256 rows): sampled tokens/s against the compute floor (the
                   matrix-product rate / 2 FLOPs per parameter), and tokens prefilled per token sampled
@@ -223,23 +224,28 @@ def matmul_gflops(dtype: torch.dtype, device: str) -> float:
     return 2 * 4096 * 576 * 1536 / seconds / 1e9
 
 
-def training_batch(vocab: int, examples: int = 16, trained: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """A RISE-like training batch: `examples` sequences of 200..420 tokens (a state and an attempt),
-    right-padded, whose last `trained` tokens are the attempt (mask 1), as rise.batch_tensors builds it."""
+def training_batch(vocab: int, states: int = 4, samples: int = 4, trained: int = 64) -> list:
+    """A RISE-like training batch: `samples` attempts of `trained` tokens at each of `states` states of
+    136..356 tokens (examples of 200..420 tokens), as data.training_examples makes them from a turn's
+    best-of-N candidates."""
+    import data
+
     g = torch.Generator().manual_seed(0)
-    lengths = torch.linspace(200, 420, examples).long().tolist()
-    ids = torch.zeros(examples, max(lengths), dtype=torch.long)
-    mask = torch.zeros(examples, max(lengths))
-    for row, n in enumerate(lengths):
-        ids[row, :n] = torch.randint(100, min(vocab, 30000), (n,), generator=g)
-        mask[row, n - trained:n] = 1.0
-    return ids, mask
+    examples = []
+    for n in torch.linspace(200 - trained, 420 - trained, states).long().tolist():
+        state = torch.randint(100, min(vocab, 30000), (n,), generator=g).tolist()
+        for _ in range(samples):
+            attempt = torch.randint(100, min(vocab, 30000), (trained,), generator=g).tolist()
+            examples.append(data.Example(state + attempt, [0] * n + [1] * trained, 1.0, 2))
+    return examples
 
 
 def worker_train(args, micro_batch: int = 8) -> dict:
-    """Seconds of one AWR optimizer step on 16 examples, in micro-batches of 8: rise's own loss
-    (rise.awr_loss) on model.py against the same weighted, per-token-normalised loss written with
-    transformers; float32 master weights, bfloat16 autocast when --dtype bfloat16 (as rise.train does)."""
+    """Seconds of one AWR optimizer step on 16 examples, in micro-batches of 8: rise's own loss on
+    model.py, the candidates of a state packed in one row (rise.pack, rise.awr_loss), against the same
+    weighted, per-token-normalised loss written with transformers, one right-padded row per example as a
+    plain training loop runs it; float32 master weights, bfloat16 autocast when --dtype bfloat16 (as
+    rise.train does)."""
     import torch.nn.functional as F
     import transformers
 
@@ -249,33 +255,40 @@ def worker_train(args, micro_batch: int = 8) -> dict:
     device, amp = args.device, args.dtype == "bfloat16"
     ours = M.load(args.model, dtype=torch.float32, device=device).train()
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).train()
-    ids, mask = (t.to(device) for t in training_batch(ours.args.vocab_size))
-    weights = torch.ones(len(ids), device=device)
+    examples = training_batch(ours.args.vocab_size)
+    micro = [examples[m:m + micro_batch] for m in range(0, len(examples), micro_batch)]
+    packed = [rise.pack(part, 0, device) for part in micro]
+    T = max(len(e.ids) for e in examples)
+    padded = [(torch.tensor([e.ids + [0] * (T - len(e.ids)) for e in part], device=device),
+               torch.tensor([e.mask + [0] * (T - len(e.mask)) for e in part], dtype=torch.float, device=device))
+              for part in micro]
+    weights = torch.ones(micro_batch, device=device)
 
-    def hf_loss(model, ids, mask, weights):
+    def hf_loss(model, batch, weights):
+        ids, mask = batch
         logits = model(ids[:, :-1]).logits.float()
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         target = mask[:, 1:]
         return (weights * (nll * target).sum(1) / target.sum(1).clamp(min=1)).sum()
 
-    def step(model, loss_fn, optimizer):
+    def step(model, loss_fn, batches, optimizer):
         optimizer.zero_grad(set_to_none=True)
-        for m in range(0, len(ids), micro_batch):
-            part = slice(m, m + micro_batch)
+        for batch in batches:
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-                loss = loss_fn(model, ids[part], mask[part], weights[part]) / len(ids)
+                loss = loss_fn(model, batch, weights) / len(examples)
             loss.backward()
         optimizer.step()
 
-    engines = {"ours": (ours, rise.awr_loss), "hf": (hf, hf_loss)}
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-6) for name, (m, _) in engines.items()}
+    engines = {"ours": (ours, rise.awr_loss, packed), "hf": (hf, hf_loss, padded)}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-6) for name, (m, _, _) in engines.items()}
     best = {name: math.inf for name in engines}
     for rep in range(1 + min(args.reps, 2)):  # the first step of each warms up (allocations, AdamW state)
-        for name, (model, loss_fn) in engines.items():
-            seconds = timed(lambda: step(model, loss_fn, optimizers[name]), device)
+        for name, (model, loss_fn, batches) in engines.items():
+            seconds = timed(lambda: step(model, loss_fn, batches, optimizers[name]), device)
             best[name] = min(best[name], seconds) if rep else best[name]
-    return {"ours_train_s": best["ours"], "hf_train_s": best["hf"], "train_tokens": int(mask.sum()),
-            "train_positions": int(ids.numel()), "matmul_gflops": matmul_gflops(getattr(torch, args.dtype), device)}
+    return {"ours_train_s": best["ours"], "hf_train_s": best["hf"], "train_tokens": sum(sum(e.mask) for e in examples),
+            "ours_positions": sum(b[0].numel() for b in packed), "hf_positions": sum(b[0].numel() for b in padded),
+            "matmul_gflops": matmul_gflops(getattr(torch, args.dtype), device)}
 
 
 def worker_collect(args, problems: int = 64) -> dict:
@@ -678,13 +691,15 @@ def main():
     # a training step's FLOPs: 6 per parameter per position (forward 2, backward 4), the output matrix included
     import model as M
 
-    flops = 6 * parameter_count(M.check_checkpoint(args.model)) * train["train_positions"]
-    print(f"\n| AWR training step, 16 examples of 200-420 tokens ({train['train_tokens']} trained), micro-batch 8, "
-          f"{'bf16 autocast' if args.dtype == 'bfloat16' else 'float32'} | seconds | GFLOP/s of a full step |"
-          "\n|---|---|---|")
-    for name, key in (("rise (model.py, rise.awr_loss)", "ours_train_s"), ("transformers", "hf_train_s")):
-        print(f"| {name} | {train[key]:.2f} | {flops / train[key] / 1e9:.0f} |")
-    print(f"| speed-up | {train['hf_train_s'] / train['ours_train_s']:.2f}x | |")
+    params = parameter_count(M.check_checkpoint(args.model))
+    print(f"\n| AWR training step: 4 states x 4 attempts, examples of 200-420 tokens ({train['train_tokens']} trained), "
+          f"micro-batch 8, {'bf16 autocast' if args.dtype == 'bfloat16' else 'float32'} | positions run | seconds | "
+          "GFLOP/s |\n|---|---|---|---|")
+    for name, key in (("rise (a state's attempts packed in one row)", "ours"), ("transformers (a row each)", "hf")):
+        flops = 6 * params * train[f"{key}_positions"]  # forward 2 + backward 4 per parameter and position
+        print(f"| {name} | {train[f'{key}_positions']} | {train[f'{key}_train_s']:.2f} | "
+              f"{flops / train[f'{key}_train_s'] / 1e9:.0f} |")
+    print(f"| speed-up | | {train['hf_train_s'] / train['ours_train_s']:.2f}x | |")
     print(f"(this machine's {args.dtype} matrix products of a step's shapes: {train['matmul_gflops']:.0f} GFLOP/s)")
     compute_floor = collect["matmul_gflops"] * 1e9 / (2 * collect["parameters"])  # tok/s if a token cost its products
     print(f"\n| RISE collection, SmolLM2 recipe: 64 problems x best of 4 x 5 turns, oracle, 64 tokens, {args.dtype} "

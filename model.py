@@ -265,7 +265,8 @@ class Transformer(nn.Module):
         return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
     def forward(self, tokens: torch.Tensor, cache: "KVCache | None" = None, valid: torch.Tensor | None = None,
-                outputs: torch.Tensor | None = None, *, compiled: bool = False) -> torch.Tensor:
+                outputs: torch.Tensor | None = None, *, packed: tuple | None = None, compiled: bool = False
+                ) -> torch.Tensor:
         """Logits of a (B, T) batch of token ids.
 
         Without `cache` (training): a plain causal pass over positions 0..T-1, returns (B, T, vocab).
@@ -275,21 +276,26 @@ class Transformer(nn.Module):
         done there, so nothing is read back from the device. `outputs` (B, T) bool: the output matrix
         runs only at these positions, returning (N, vocab) logits row by row: sampling needs each row's
         last token, training only its trained tokens, and the 49k-wide matrix is a fifth of a small
-        model. `compiled` runs the layers through torch.compile (see compiled_body): generate asks for
-        it for its decoding steps only.
+        model. `packed` (positions, segments), each (B, T), for training rows that hold a state once and
+        then several attempts at it (rise.pack): a token sees segment 0 (the state) and its own segment,
+        at its given position. `compiled` runs the layers through torch.compile (see compiled_body):
+        generate asks for it for its decoding steps only.
         """
         B, T = tokens.shape
         device, dtype = tokens.device, self.model.embed_tokens.weight.dtype
         window = self.args.sliding_window
-        if cache is None:
-            positions, kv_len = torch.arange(T, device=device).expand(B, T), T
+        mask = None  # plain causal: a pass from position 0 that no sliding window cuts
+        if packed is not None:
+            positions, segments = (p.to(device) for p in packed)
+            mask = attention_mask(positions, positions, window, dtype, segments)
+        elif cache is None:
+            positions = torch.arange(T, device=device).expand(B, T)
+            if window is not None and T > window:
+                mask = attention_mask(positions, positions, window, dtype)
         else:
             positions = cache.advance(T, valid).to(device)  # (B, T), worked out on the CPU
-            kv_len = cache.kv_len
+            mask = attention_mask(positions, torch.arange(cache.kv_len, device=device)[None], window, dtype)
         cos, sin = self.rope(positions, dtype)
-        mask = None  # plain causal: a pass from position 0 that no sliding window cuts
-        if cache is not None or (window is not None and T > window):
-            mask = attention_mask(positions, kv_len, window, dtype)
         body = compiled_body() if compiled else Transformer.body
         x = body(self, tokens, cos, sin, mask, cache)  # (B, T, dim)
         if outputs is not None:
@@ -321,14 +327,17 @@ def compiled_body():
     return torch.compile(Transformer.body, dynamic=True)
 
 
-def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None, dtype) -> torch.Tensor:
-    """(B, 1, T, kv_len) additive mask: the query at absolute position p sees keys j <= p (and
-    j > p - window), built once per forward, since SDPA would convert a bool mask in every layer."""
-    keys = torch.arange(kv_len, device=positions.device)
-    hidden = keys > positions[:, :, None]  # (B, T, kv_len)
+def attention_mask(queries: torch.Tensor, keys: torch.Tensor, window: int | None, dtype,
+                   segments: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, T, K) additive mask from the positions of queries (B, T) and keys (B or 1, K): a query at
+    position p sees keys at positions <= p (and > p - window) and, in packed rows, only in segment 0 or
+    its own. Built once per forward, since SDPA would convert a bool mask in every layer."""
+    hidden = keys[:, None, :] > queries[:, :, None]  # (B, T, K)
     if window is not None:
-        hidden |= keys <= positions[:, :, None] - window
-    return torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill_(hidden, -math.inf)[:, None]
+        hidden |= keys[:, None, :] <= queries[:, :, None] - window
+    if segments is not None:
+        hidden |= (segments[:, None, :] != 0) & (segments[:, None, :] != segments[:, :, None])
+    return torch.zeros(hidden.shape, dtype=dtype, device=queries.device).masked_fill_(hidden, -math.inf)[:, None]
 
 
 # --------------------------------------------------------------------------------------------

@@ -258,31 +258,46 @@ def weigh(episodes: list[data.Episode], cfg: Config) -> None:
                     c.advantage, c.weight = a, w
 
 
-def batch_tensors(examples: list[data.Example], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """Right-padded (B, T) ids and loss mask, and (B,) weights. The mask comes from each example's
-    own lengths, never from searching for pad ids (pad often equals EOS, which must be trained)."""
-    T = max(len(e.ids) for e in examples)
-    ids = torch.tensor([e.ids + [pad_id] * (T - len(e.ids)) for e in examples])
-    mask = torch.tensor([e.mask + [0] * (T - len(e.mask)) for e in examples], dtype=torch.float)
-    weights = torch.tensor([e.weight for e in examples])
-    return ids.to(device), mask.to(device), weights.to(device)
+def pack(examples: list[data.Example], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """A micro-batch as rows that hold a state once: the candidates sampled from one state (a turn's N)
+    share a row, the state's tokens, then each candidate's, which see only the state and themselves and
+    continue its positions. The logits are those of one row per example, but the state runs once, not N
+    times. Returns (B, T) ids, positions, segments (0 the state, k the k-th candidate, -1 padding),
+    the next token of each position, and `owner`: the example a position's next token trains, else -1."""
+    rows = {}
+    for i, e in enumerate(examples):
+        # the state's last token predicts the attempt's first, so each segment repeats that token
+        state = max(e.mask.index(1) - 1, 0)
+        rows.setdefault(tuple(e.ids[:state]), []).append(i)
+    table = []
+    for state, members in rows.items():
+        row = [(token, p, 0, 0, -1) for p, token in enumerate(state)]  # (id, position, segment, next id, owner)
+        for segment, i in enumerate(members, 1):
+            e = examples[i]
+            for p in range(len(state), len(e.ids)):
+                trained = p + 1 < len(e.ids) and e.mask[p + 1]
+                row.append((e.ids[p], p, segment, e.ids[p + 1] if trained else 0, i if trained else -1))
+        table.append(row)
+    T = max(map(len, table))
+    padded = torch.tensor([row + [(pad_id, 0, -1, 0, -1)] * (T - len(row)) for row in table])  # (B, T, 5)
+    return tuple(column.to(device) for column in padded.unbind(-1))
 
 
-def token_logprobs(model, ids: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
-    """log p(ids[b, t + 1] | ids[b, :t + 1]) where trained (B, T-1) is set, flattened row by row, at
-    temperature 1 (we train the policy itself, not the tempered sampler), computed in float32. The
+def token_logprobs(model, ids, positions, segments, targets, owner) -> torch.Tensor:
+    """log p(target) at each trained position (owner >= 0) of packed rows (pack), flattened row by row,
+    at temperature 1 (we train the policy itself, not the tempered sampler), computed in float32. The
     output matrix runs at the trained positions only: most of a state is context."""
-    logits = model(ids[:, :-1], outputs=trained).float()  # (N, vocab)
-    return -F.cross_entropy(logits, ids[:, 1:][trained], reduction="none")
+    trained = owner >= 0
+    logits = model(ids, outputs=trained, packed=(positions, segments)).float()  # (N, vocab)
+    return -F.cross_entropy(logits, targets[trained], reduction="none")
 
 
-def awr_loss(model, ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Sum over the batch of weight * (mean negative log-likelihood of the response's tokens).
-    The caller divides by the number of examples per optimizer step."""
-    trained = mask[:, 1:] > 0
-    nll = -token_logprobs(model, ids, trained)
-    per_example = torch.zeros_like(weights).index_add_(0, trained.nonzero()[:, 0], nll)
-    return (weights * per_example / trained.sum(1).clamp(min=1)).sum()
+def awr_loss(model, batch: tuple[torch.Tensor, ...], weights: torch.Tensor) -> torch.Tensor:
+    """Sum over the examples of weight * (mean negative log-likelihood of the response's tokens), from
+    packed rows (pack). The caller divides by the number of examples per optimizer step."""
+    owner = batch[-1][batch[-1] >= 0]
+    per_example = torch.zeros_like(weights).index_add_(0, owner, -token_logprobs(model, *batch))
+    return (weights * per_example / torch.bincount(owner, minlength=len(weights)).clamp(min=1)).sum()
 
 
 def lr_at(step: int, total: int, warmup: float) -> float:
@@ -332,6 +347,10 @@ def train(model: M.Transformer, examples: list[data.Example], cfg: Config, pad_i
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     rng = random.Random(shuffle_seed)
+    groups = {}  # the candidates of one state stay together, so that they share a packed row (pack)
+    for e in examples:
+        groups.setdefault(tuple(e.ids[:e.mask.index(1)]), []).append(e)
+    groups = list(groups.values())
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, cfg.warmup))
@@ -341,21 +360,23 @@ def train(model: M.Transformer, examples: list[data.Example], cfg: Config, pad_i
     losses = []
     with tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=not is_main()) as bar:
         for _ in range(cfg.epochs):
-            order = examples[:]
-            rng.shuffle(order)
+            rng.shuffle(groups)
+            order = [e for group in groups for e in group]
             for start in range(0, len(order), cfg.batch_size):
-                batch = sorted(order[start:start + cfg.batch_size], key=lambda e: len(e.ids))  # less padding
-                mine = batch[R::W]
+                batch = order[start:start + cfg.batch_size]
+                per_rank = math.ceil(len(batch) / W)
+                mine = batch[R * per_rank:(R + 1) * per_rank]
                 # every rank runs as many backward passes (each one syncs gradients under DDP/FSDP):
                 # a rank short of examples runs zero-weight copies of one
-                n_micro = math.ceil(math.ceil(len(batch) / W) / cfg.micro_batch)
+                n_micro = math.ceil(per_rank / cfg.micro_batch)
                 mine += [dataclasses.replace(batch[0], weight=0.0)] * (n_micro * cfg.micro_batch - len(mine))
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = torch.zeros((), device=device)
                 for m in range(0, len(mine), cfg.micro_batch):
-                    ids, mask, weights = batch_tensors(mine[m:m + cfg.micro_batch], pad_id, device)
+                    micro = mine[m:m + cfg.micro_batch]
+                    weights = torch.tensor([e.weight for e in micro], device=device)
                     with amp:  # DDP averages over ranks: scale by W so the step's loss is the batch mean
-                        loss = awr_loss(module, ids, mask, weights) * W / len(batch)
+                        loss = awr_loss(module, pack(micro, pad_id, device), weights) * W / len(batch)
                     loss.backward()
                     step_loss += loss.detach()
                 if distributed():

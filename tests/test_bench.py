@@ -34,7 +34,9 @@ def test_the_training_step_comparison_runs_both_engines(tiny_checkpoints):
     r = bench.worker_train(argparse.Namespace(model=str(tiny_checkpoints["tied"]), dtype="float32", device="cpu",
                                               reps=1), micro_batch=8)
     assert r["ours_train_s"] > 0 and r["hf_train_s"] > 0 and r["matmul_gflops"] > 0
-    assert r["train_tokens"] == 16 * 64 and r["train_positions"] == 16 * 420
+    assert r["train_tokens"] == 16 * 64 and r["hf_positions"] == 16 * 420
+    # rise runs each micro-batch's two states once, then their 4 attempts (64 tokens and the state's last)
+    assert r["ours_positions"] == 2 * (208 + 4 * 65) + 2 * (355 + 4 * 65)
 
 
 def test_the_collection_timing_counts_what_generate_samples_and_prefills(tiny_checkpoints):

@@ -107,18 +107,52 @@ def test_training_examples_mask_exactly_the_candidate(toy_policy):
     assert [e.weight for e in official] == pytest.approx([math.exp(0.0), math.exp(2.5)])  # kept: wrong, right
 
 
+def random_examples(vocab: int, g: torch.Generator) -> list[data.Example]:
+    """Two states of 7 and 4 tokens: three attempts at the first (one of them trained from its first token
+    to the end), one at the second, and one example alone in its row."""
+    first, second = torch.randint(0, vocab, (7,), generator=g).tolist(), torch.randint(0, vocab, (4,), generator=g).tolist()
+    examples = []
+    for state, attempt_lengths in ((first, (5, 2, 3)), (second, (6,)), ([9, 8, 7, 6, 5, 4], (1,))):
+        for n in attempt_lengths:
+            attempt = torch.randint(0, vocab, (n,), generator=g).tolist()
+            examples.append(data.Example(state + attempt, [0] * len(state) + [1] * n, 0.5 + n, 1))
+    return examples
+
+
 def test_awr_loss_is_the_weighted_mean_nll_of_the_trained_tokens(toy_policy):
-    """The loss runs the output matrix on trained positions only; it equals the plain formula over all logits."""
+    """Packed rows (a state once, then its attempts) give each example the loss of its own unpacked row,
+    with the output matrix run at trained positions only."""
     g = torch.Generator().manual_seed(0)
     model = toy_policy.model
-    ids = torch.randint(0, model.args.vocab_size, (3, 12), generator=g)
-    mask = torch.zeros(3, 12)
-    mask[0, 5:9], mask[1, 2:], mask[2, 11] = 1, 1, 1  # row 1 has padding-free training to the end
-    weights = torch.tensor([0.5, 2.0, 1.0])
+    examples = random_examples(model.args.vocab_size, g)
+    ids, positions, segments, targets, owner = rise.pack(examples, 0, "cpu")
+    assert len(ids) == 3 and ids.shape[1] == 6 + (1 + 5) + (1 + 2) + (1 + 3)  # the state, then its 3 attempts
+    assert (owner >= 0).sum() == sum(sum(e.mask[1:]) for e in examples)
+    weights = torch.tensor([e.weight for e in examples])
+    expected = 0
     with torch.no_grad():
-        logp = torch.log_softmax(model(ids[:, :-1]).float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
-        expected = (weights * -(logp * mask[:, 1:]).sum(1) / mask[:, 1:].sum(1)).sum()
-        assert torch.allclose(rise.awr_loss(model, ids, mask, weights), expected, atol=1e-5)
+        for e, w in zip(examples, weights):
+            row, mask = torch.tensor([e.ids]), torch.tensor(e.mask[1:], dtype=torch.float)
+            logp = torch.log_softmax(model(row[:, :-1]).float(), -1)[0].gather(-1, row[0, 1:, None])[:, 0]
+            expected = expected + w * -(logp * mask).sum() / mask.sum()
+        loss = rise.awr_loss(model, (ids, positions, segments, targets, owner), weights)
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_packed_rows_give_each_attempt_its_own_rows_logits(tiny_checkpoints):
+    """model.forward(packed=...): every position of an attempt sees the state and the attempt, never
+    another attempt in the row, at its own position; also with a sliding window (Mistral)."""
+    for name in ("llama3_gqa", "mistral_window"):
+        model = M.load(tiny_checkpoints[name], dtype=torch.float32)
+        g = torch.Generator().manual_seed(1)
+        examples = random_examples(model.args.vocab_size, g)
+        ids, positions, segments, _, _ = rise.pack(examples, 0, "cpu")
+        with torch.no_grad():
+            packed = model(ids, packed=(positions, segments))[0]
+            for k, e in enumerate(examples[:3]):  # the three attempts at the first state, all in row 0
+                alone = model(torch.tensor([e.ids]))[0]
+                assert torch.allclose(packed[segments[0] == 0], alone[:6], atol=1e-4), name
+                assert torch.allclose(packed[segments[0] == k + 1], alone[6:], atol=1e-4), name
 
 
 def test_one_awr_step_raises_the_correct_candidate_most(toy_policy):
@@ -131,11 +165,10 @@ def test_one_awr_step_raises_the_correct_candidate_most(toy_policy):
     examples = examples_of([episode], policy)
 
     def loglik():
-        ids, mask, _ = rise.batch_tensors(examples, policy.tokenizer.pad_id, "cpu")
+        batch = rise.pack(examples, policy.tokenizer.pad_id, "cpu")
         with torch.no_grad():
-            trained = mask[:, 1:] > 0
-            logp = rise.token_logprobs(policy.model, ids, trained)
-            return torch.zeros(len(ids)).index_add_(0, trained.nonzero()[:, 0], logp).tolist()
+            logp = rise.token_logprobs(policy.model, *batch)
+            return torch.zeros(len(examples)).index_add_(0, batch[-1][batch[-1] >= 0], logp).tolist()
 
     before = loglik()
     cfg = rise.Config(lr=1e-3, epochs=1, batch_size=4, micro_batch=2, warmup=0.0)
