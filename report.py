@@ -9,6 +9,8 @@ The page opens offline (no CDN, no server; the plot is embedded as a data URI) a
 - the paper's §6 analysis, per policy, episode kind and turn: wrong attempts split into arithmetic slips
   (a stated calculation that verify.check_steps finds wrong) and other errors, and what happens between
   consecutive turns (wrong->right, right->wrong, wrong->the same wrong answer, wrong->another wrong answer);
+- after "incorrect", per policy: the next attempt against a fresh sample on the same failed problems (right,
+  and the same wrong answer again), from the oracle and parallel evaluations;
 - every episode, browsable per policy and kind (collection, eval with oracle, without oracle, parallel) and
   filterable (solved at turn t, never solved, right then wrong): question, reference, each turn's candidates
   with the extracted answer and the arithmetic slips marked, reward, the kept candidate and, for collection,
@@ -29,6 +31,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
+from statistics import fmean
 
 import verify
 
@@ -133,6 +136,27 @@ def analysis(episodes: list[dict], kind: str) -> list[Counter]:
                 same = canonical(c.get("answer")) == canonical(nxt.get("answer"))
                 row["same" if same else "another"] += 1
     return rows
+
+
+def second_attempts(sources) -> dict[str, dict]:
+    """Per policy, the paper's claim at its smallest: on the problems whose first oracle attempt is wrong,
+    is the attempt after "incorrect" right more often than a fresh sample (one of the same policy's
+    independent first attempts at that problem, its parallel evaluation)? And does it give the same wrong
+    answer again more often than a fresh sample happens to? Rates are means over those problems."""
+    found = {(policy, kind): episodes for policy, kind, episodes in sources}
+    same = lambda a, b: canonical(a.get("answer")) == canonical(b.get("answer"))  # noqa: E731
+    out = {}
+    for policy in dict.fromkeys(policy for policy, _, _ in sources):
+        fresh = {ep["id"]: attempts(ep, "parallel") for ep in found.get((policy, "parallel"), [])}
+        failed = [(seq[0], seq[1], fresh[ep["id"]]) for ep in found.get((policy, "oracle"), [])
+                  if len(seq := attempts(ep, "oracle")) > 1 and not right(seq[0]) and fresh.get(ep["id"])]
+        if failed:
+            out[policy] = {"n": len(failed),
+                           "next_right": fmean(right(nxt) for _, nxt, _ in failed),
+                           "fresh_right": fmean(fmean(map(right, draws)) for _, _, draws in failed),
+                           "next_same": fmean(same(first, nxt) for first, nxt, _ in failed),
+                           "fresh_same": fmean(fmean(same(first, c) for c in draws) for first, _, draws in failed)}
+    return out
 
 
 def number(x) -> str:
@@ -270,6 +294,18 @@ def analysis_html(sources) -> str:
     return "".join(out) + "</table>"
 
 
+SECOND = {"n": "first attempt wrong", "next_right": "next attempt right", "fresh_right": "a fresh sample right",
+          "next_same": "next attempt repeats the wrong answer", "fresh_same": "a fresh sample gives that answer"}
+
+
+def second_attempts_html(sources) -> str:
+    out = ["<table id=second><tr><th>policy" + "".join(f"<th>{esc(v)}" for v in SECOND.values())]
+    for policy, row in second_attempts(sources).items():
+        cells = "".join(f"<td data-k={k}>{v if k == 'n' else f'{100 * v:.1f}%'}" for k, v in row.items())
+        out.append(f'<tr data-row="second/{esc(policy)}"><td>{esc(policy)}{cells}')
+    return "".join(out) + "</table>"
+
+
 STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:1em 2em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
 th{background:#f3f3f3}:is(td,th):nth-child(-n+2){text-align:left;white-space:nowrap}small{color:#777}
@@ -320,6 +356,11 @@ maj@t over t independent first-turn samples.</p><div class=flex>{metrics_html(me
 <h2>Error analysis (§6)</h2><p>Per turn, over the attempts each episode kept. Arithmetic slip: a stated
 calculation that <code>verify.check_steps</code> finds wrong. Correct steps kept: of the right calculations of
 a wrong attempt followed by a right one, the share the right one states too.</p>{analysis_html(sources)}
+<h2>After "incorrect": the next attempt against a fresh sample</h2><p>The problems whose first attempt
+with the oracle is wrong: how often the attempt that follows "incorrect" is right, against a fresh sample
+of the same policy on the same problem (its parallel samples, first attempts that saw no feedback), and how
+often each gives the first attempt's wrong answer. Sequential turns help only where the first column beats
+the second.</p>{second_attempts_html(sources)}
 <h2>Episodes</h2><p><select id=src>{options}</select> <select id=filter>{filters}</select> <span id=count></span>
 <br><small>✓/✗: the attempts kept, in order. <mark class=ans>answer</mark> extracted answer,
 <mark class=slip>3+4=8</mark> arithmetic slip.</small></p>{sections}<script>{SCRIPT}</script></body></html>"""

@@ -80,6 +80,7 @@ def make_run(run: Path) -> None:
     ])
     write_jsonl(run / "eval" / "base_parallel.jsonl", [
         episode(1, "neutral", [[cand(OTHER), cand(RIGHT), cand(SLIP), cand(LAST)]]),
+        episode(2, "neutral", [[cand(RIGHT), cand(OTHER), cand(RIGHT2), cand(NOANS)]]),
     ])
     write_jsonl(run / "eval" / "iter1_neutral.jsonl", [
         episode(1, "neutral", [[cand(RIGHT)], [cand(RIGHT)], [cand(RIGHT)]]),
@@ -146,12 +147,12 @@ def page(tmp_path_factory):
 
 def test_episodes_per_policy_and_kind(page):
     assert {src: len(eps) for src, eps in page.episodes.items()} == {
-        "base/collection": 2, "base/oracle": 2, "base/neutral": 3, "base/parallel": 1, "iter1/neutral": 1}
+        "base/collection": 2, "base/oracle": 2, "base/neutral": 3, "base/parallel": 2, "iter1/neutral": 1}
     # filters: solved at turn t / never solved / right then wrong
     neutral = page.episodes["base/neutral"]
     assert [e["data-solved"] for e in neutral] == ["1", "2", "never"]
     assert [e["data-rw"] for e in neutral] == ["1", "0", "0"]
-    assert [e["data-solved"] for e in page.episodes["base/parallel"]] == ["2"]  # the 2nd sample is right
+    assert [e["data-solved"] for e in page.episodes["base/parallel"]] == ["2", "1"]  # q1: its 2nd sample
     assert [e["data-solved"] for e in page.episodes["base/collection"]] == ["1", "2"]
 
 
@@ -175,6 +176,15 @@ def test_section6_counts(page):
     assert row("base/neutral", 3) == zero | dict(n=3, wrong=2, slip=1, other=1)
     assert row("iter1/neutral", 1) == zero | dict(n=1, pairs=1)
     assert not any(key.startswith("base/parallel") for key in page.s6)  # independent samples: no transitions
+
+
+def test_second_attempt_against_a_fresh_sample(page):
+    # base oracle: q1 SLIP (15) then RIGHT, q2 OTHER (7) then OTHER again; its parallel samples:
+    # q1 [OTHER 7, RIGHT 14, SLIP 15, LAST 8], 1 of 4 right, 1 of 4 gives 15; q2 [RIGHT, OTHER 7, RIGHT2, NOANS],
+    # 2 of 4 right, 1 of 4 gives 7. iter1 has no oracle evaluation, so no row.
+    assert page.s6["second/base"] == {"n": "2", "next_right": "50.0%", "fresh_right": "37.5%",
+                                      "next_same": "50.0%", "fresh_same": "25.0%"}
+    assert not any(key.startswith("second/iter1") for key in page.s6)
 
 
 def test_model_text_is_escaped(page):
