@@ -334,7 +334,7 @@ def train(model: M.Transformer, examples: list[data.Example], cfg: Config, pad_i
     """Weighted fine-tuning (AWR) of `model` in place: `epochs` passes over the examples, AdamW,
     batch_size examples per optimizer step in micro-batches of micro_batch (gradient accumulation).
 
-    Under torchrun every rank holds all examples and takes every world_size-th of each step's batch;
+    Under torchrun every rank holds all examples and takes its own contiguous part of each step's batch;
     gradients are averaged by DDP (or FSDP), so a step equals one process on the whole batch.
     """
     if not examples:
