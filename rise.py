@@ -34,6 +34,7 @@ eval/NAME_KIND.jsonl, state.json (the completed stages) and report.html (report.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
@@ -210,6 +211,7 @@ def rollout_all(policy: Policy, problems: list[data.Problem], cfg: Config, width
     with tqdm(total=len(mine) * sum(widths), desc=desc, unit="attempt", dynamic_ncols=True,
               disable=not is_main()) as bar:
         for start in range(0, len(mine), per_batch):
+            release_freed_memory()  # the last batch's KV cache
             episodes += rollout(policy, mine[start:start + per_batch], cfg, widths, protocol, teacher,
                                 sampling_seed + start, progress=bar)
         bar.total = bar.n
@@ -552,10 +554,20 @@ def load_policy(path: Path, cfg: Config, prompts: data.Prompts, training: bool =
     """A checkpoint as a Policy. For training: LoRA adapters added (only they train) if lora_rank > 0,
     else float32 master weights (bfloat16 autocast does the arithmetic) unless --dtype says otherwise."""
     dtype = cfg.dtype or ("float32" if training and not cfg.lora_rank or not fast_bf16(cfg) else "bfloat16")
+    release_freed_memory()  # every stage starts here, after the last stage's tensors are gone
     model = M.load(path, dtype=getattr(torch, dtype), device=cfg.device)
     if training and cfg.lora_rank:
         M.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     return Policy(model, data.Tokenizer(path), prompts)  # (with --fsdp, wrap_for_training shards it)
+
+
+def release_freed_memory() -> None:
+    """Hand the memory of freed tensors back to the OS. glibc keeps it for reuse, fragmented, so without
+    this each stage's peak stacked on what earlier stages left (docs/performance.md#the-recipes-phases)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
 
 
 def save_policy(model: M.Transformer, path: Path, base_path: Path, cfg: Config) -> None:

@@ -4,6 +4,7 @@ hand-written trajectories, and whole tiny runs (checkpoint loads in transformers
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -308,3 +309,24 @@ def test_rollouts_in_bfloat16_where_it_is_fast_training_keeps_float32_master_wei
     rise.save_policy(policy.model, tmp_path / "policy", path, cfg)  # saved in the rollout precision
     assert json.loads((tmp_path / "policy" / "config.json").read_text())["torch_dtype"] == \
         ("bfloat16" if fast else "float32")
+
+
+def test_memory_freed_by_a_stage_goes_back_to_the_os():
+    """Tensors a stage frees stay in glibc's heap for reuse; release_freed_memory returns them, so the
+    next stage does not start where the last one peaked. (Run in a child: the test process's heap is shared.)"""
+    import subprocess
+    import sys
+    script = """if True:
+        import torch, rise
+        rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+        block = torch.empty(16 << 20, dtype=torch.uint8)
+        del block  # a freed mmap'd block of 16 MiB: glibc then serves smaller blocks from its heap
+        blocks = [torch.ones(1 << 20, dtype=torch.uint8) for _ in range(512)]  # 512 MiB of 1 MiB blocks, in the heap
+        keep = blocks[-1]
+        del blocks
+        before = rss()
+        rise.release_freed_memory()
+        print(before - rss())"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert int(done.stdout) > 400 << 20  # most of the 511 freed MiB were handed back
