@@ -563,7 +563,7 @@ def load_policy(path: Path, cfg: Config, prompts: data.Prompts, training: bool =
 
 def release_freed_memory() -> None:
     """Hand the memory of freed tensors back to the OS. glibc keeps it for reuse, fragmented, so without
-    this each stage's peak stacked on what earlier stages left (docs/performance.md#the-recipes-phases)."""
+    this each stage's peak stacked on what earlier stages left (docs/performance.md, memory that glibc keeps)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do

@@ -322,7 +322,7 @@ def test_memory_freed_by_a_stage_goes_back_to_the_os():
         block = torch.empty(16 << 20, dtype=torch.uint8)
         del block  # a freed mmap'd block of 16 MiB: glibc then serves smaller blocks from its heap
         blocks = [torch.ones(1 << 20, dtype=torch.uint8) for _ in range(512)]  # 512 MiB of 1 MiB blocks, in the heap
-        keep = blocks[-1]
+        keep = blocks[-1]  # pins the heap's top, so only trimming inside the heap can return the rest
         del blocks
         before = rss()
         rise.release_freed_memory()
