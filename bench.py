@@ -516,9 +516,13 @@ def memory_estimate(args: M.ModelArgs, cfg: rise.Config, device_type: str, world
     """GiB one device needs in each stage of a run. Stages run one after the other and free their memory,
     so the peak is the larger of the two. A rough but conservative bill: weights, gradients, AdamW's two
     moments, activations of one micro-batch, logits, and the KV cache of one batch of rollouts."""
+    import rise
+
     GiB = 2 ** 30
     P = parameter_count(args)
-    low = device_type == "cuda" if cfg.dtype is None else cfg.dtype in ("bfloat16", "float16")
+    # rollout weights and KV cache in bf16 where rise.load_policy puts them there (GPUs, bf16-capable CPUs)
+    fast = device_type == "cuda" or rise.fast_bf16(cfg)
+    low = fast if cfg.dtype is None else cfg.dtype in ("bfloat16", "float16")
     wbytes = 2 if low else 4
     seq = 256 + cfg.turns * (cfg.max_new_tokens + 64)  # the longest state: prompt + T attempts and feedbacks
     kv_per_token = args.n_layers * 2 * args.n_kv_heads * args.head_dim * wbytes
@@ -534,9 +538,7 @@ def memory_estimate(args: M.ModelArgs, cfg: rise.Config, device_type: str, world
         master = 4 if cfg.dtype is None else wbytes
         training = {"weights (fp32 master)" if master == 4 else "weights": P * master / shard / GiB,
                     "gradients": P * master / shard / GiB, "AdamW moments (fp32)": P * 8 / shard / GiB}
-    import rise
-
-    amp = cfg.amp if cfg.amp is not None else device_type == "cuda" or rise.fast_bf16(cfg)  # as rise.train decides
+    amp = cfg.amp if cfg.amp is not None else fast  # as rise.train decides
     act_bytes = 2 if (low or amp) else 4
     per_token_layer = (6 * args.dim + 4 * args.hidden_dim) * act_bytes  # what one layer keeps for backward
     tokens = cfg.micro_batch * seq

@@ -1,6 +1,7 @@
 """Scale (issue 5) on CPU: DDP / FSDP training and sharded rollouts under torchrun with gloo, LoRA
 (before and after merging, and the merged checkpoint in transformers), and the memory estimate."""
 
+import dataclasses
 import json
 import os
 import stat
@@ -203,6 +204,21 @@ def test_memory_estimate_refuses_what_does_not_fit_and_names_flags(tmp_path, mon
     sharded = bench.memory_estimate(args, rise.Config(fsdp=True, grad_checkpoint=True, max_new_tokens=400), "cuda", 8)
     replicated = bench.memory_estimate(args, rise.Config(grad_checkpoint=True, max_new_tokens=400), "cuda", 8)
     assert sum(sharded["training"].values()) < 0.92 * 80 < sum(replicated["training"].values())
+
+
+def test_memory_estimate_plans_rollouts_in_the_dtype_rise_rolls_out_in(monkeypatch):
+    # a CPU with bf16 matrix units rolls out in bf16 (rise.load_policy), so its KV cache takes half the bytes
+    args = M.ModelArgs.from_config(MISTRAL_7B)
+    cfg = rise.Config(device="cpu", max_new_tokens=64, rows_per_batch=256)
+    monkeypatch.setattr(rise, "fast_bf16", lambda cfg: True)
+    bf16 = bench.memory_estimate(args, cfg, "cpu")["rollouts"]
+    forced = bench.memory_estimate(args, dataclasses.replace(cfg, dtype="float32"), "cpu")["rollouts"]
+    monkeypatch.setattr(rise, "fast_bf16", lambda cfg: False)
+    fp32 = bench.memory_estimate(args, cfg, "cpu")["rollouts"]
+    assert fp32["weights"] == pytest.approx(2 * bf16["weights"])
+    cache = "KV cache (rows_per_batch x longest state)"
+    assert fp32[cache] == pytest.approx(2 * bf16[cache])
+    assert forced[cache] == fp32[cache]  # --dtype overrides the machine's choice, as in rise.load_policy
 
 
 def test_a_whole_tiny_lora_run_saves_adapters_and_a_merged_policy(tmp_path):
