@@ -547,8 +547,12 @@ def memory_estimate(args: M.ModelArgs, cfg: rise.Config, device_type: str, world
     else:
         act = tokens * args.n_layers * per_token_layer
     training["activations (micro_batch x longest state)"] = act / GiB
+    if amp and not cfg.lora_rank and master == 4:  # autocast keeps bf16 copies of the weights for backward
+        training["bf16 copies of the weights (autocast)"] = P * 2 / shard / GiB
     trained = cfg.micro_batch * (cfg.max_new_tokens + 1)  # rise.awr_loss: the output matrix on trained tokens only
     training["logits, log-probs, gradient: trained tokens"] = trained * args.vocab_size * 10 / GiB
+    if device_type == "cpu":  # measured: importing rise (torch, tokenizers) takes 0.23 GB of RSS
+        rollout["the process: Python, torch, tokenizer"] = training["the process: Python, torch, tokenizer"] = 0.25
     return {"rollouts": rollout, "training": training}
 
 
