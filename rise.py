@@ -373,7 +373,7 @@ def train(model: M.Transformer, examples: list[data.Example], cfg: Config, pad_i
                 n_micro = math.ceil(per_rank / cfg.micro_batch)
                 mine += [dataclasses.replace(batch[0], weight=0.0)] * (n_micro * cfg.micro_batch - len(mine))
                 optimizer.zero_grad(set_to_none=True)
-                release_freed_memory()  # the last step's activations, else glibc's fragments add up to ~1.4 GB
+                release_freed_memory()  # the last step's activations: glibc's fragments of them add up over the steps
                 step_loss = torch.zeros((), device=device)
                 for m in range(0, len(mine), cfg.micro_batch):
                     micro = mine[m:m + cfg.micro_batch]

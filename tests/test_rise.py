@@ -156,13 +156,19 @@ def test_packed_rows_give_each_attempt_its_own_rows_logits(tiny_checkpoints):
                 assert torch.allclose(packed[segments[0] == k + 1], alone[6:], atol=1e-4), name
 
 
-def test_one_awr_step_raises_the_correct_candidate_most(toy_policy):
-    torch.manual_seed(0)
-    policy = rise.Policy(M.Transformer(toy_policy.model.args), toy_policy.tokenizer, data.TOY_PROMPTS)
+def pens_episode() -> Episode:
+    """One turn of four candidates, the first right, weighted by AWR (beta 0.5)."""
     p = data.Problem("Bob has 9 pens. He loses 4. How many pens now?", "9-4=5\n#### 5", "t")
     cands = [Candidate("9-4=5\n#### 5", "5", 1.0)] + [Candidate(f"9-4={v}\n#### {v}", str(v), 0.0) for v in (3, 6, 7)]
     episode = Episode(p, "oracle", [cands], [0])
     rise.weigh([episode], rise.Config(beta=0.5))
+    return episode
+
+
+def test_one_awr_step_raises_the_correct_candidate_most(toy_policy):
+    torch.manual_seed(0)
+    policy = rise.Policy(M.Transformer(toy_policy.model.args), toy_policy.tokenizer, data.TOY_PROMPTS)
+    episode = pens_episode()
     examples = examples_of([episode], policy)
 
     def loglik():
@@ -181,10 +187,7 @@ def test_one_awr_step_raises_the_correct_candidate_most(toy_policy):
 def test_training_hands_freed_memory_back_before_every_step(toy_policy, monkeypatch):
     """Each step's activations are freed into glibc's heap in fragments; without a trim per step they add up
     (docs/performance.md: the recipe's training peak 6.4 -> 5.3 GB)."""
-    p = data.Problem("Bob has 9 pens. He loses 4. How many pens now?", "9-4=5\n#### 5", "t")
-    cands = [Candidate("9-4=5\n#### 5", "5", 1.0)] + [Candidate(f"9-4={v}\n#### {v}", str(v), 0.0) for v in (3, 6, 7)]
-    episode = Episode(p, "oracle", [cands], [0])
-    rise.weigh([episode], rise.Config(beta=0.5))
+    episode = pens_episode()
     calls = []
     monkeypatch.setattr(rise, "release_freed_memory", lambda: calls.append(1))
     cfg = rise.Config(lr=1e-4, epochs=2, batch_size=2, micro_batch=1, warmup=0.0)
