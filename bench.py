@@ -326,6 +326,133 @@ def worker_collect(args, problems: int = 64) -> dict:
             "matmul_gflops": matmul_gflops(getattr(torch, args.dtype), args.device)}
 
 
+# --------------------------------------------------------------------------------------------
+# Where a rollout's time goes: python bench.py --decode-profile (docs/performance.md)
+# --------------------------------------------------------------------------------------------
+
+
+def rollout_split(policy, cfg) -> list[tuple[str, float, float, float]]:
+    """One batch of each of the recipe's three kinds of rollout on arith:dev (5 turns of neutral feedback;
+    the collection's best of 4 x 5 turns under the oracle; 5 parallel samples), every forward pass timed:
+    (rollout, seconds, seconds in prefill forwards, seconds in decoding forwards)."""
+    import model as M
+    import rise
+    import toy
+
+    problems, spent, forward = toy.arith_problems("dev"), {}, M.Transformer.forward
+
+    def timed_forward(self, tokens, *a, **kw):
+        start = time.perf_counter()
+        out = forward(self, tokens, *a, **kw)
+        kind = "decode" if tokens.shape[1] == 1 else "prefill"
+        spent[kind] = spent.get(kind, 0.0) + time.perf_counter() - start
+        return out
+
+    rows = []
+    M.Transformer.forward = timed_forward
+    try:
+        for name, widths, protocol in (("5 turns, neutral", [1] * 5, "neutral"), ("collection: best of 4 x 5 "
+                                       "turns, oracle", [4] * 5, "oracle"), ("5 parallel samples", [5], "neutral")):
+            spent.clear()
+            n = cfg.rows_per_batch // max(widths)
+            seconds = timed(lambda: rise.rollout(policy, problems[:n], cfg, widths, protocol), "cpu")
+            rows.append((f"{name}, {n} problems", seconds, spent.get("prefill", 0.0), spent.get("decode", 0.0)))
+    finally:
+        M.Transformer.forward = forward
+    return rows
+
+
+def decode_step(model, rows: int, cache_len: int):
+    """One decoding step (output matrix included), as a function, for `rows` rows whose caches hold
+    `cache_len` tokens each; the cache holds zeros, which attention reads like any other keys."""
+    import model as M
+
+    cache = M.KVCache.for_model(model, rows, cache_len + 1)
+    ids = torch.randint(100, 30000, (rows, 1))
+
+    @torch.no_grad()
+    def step():
+        cache.lengths[:] = cache_len
+        model(ids, cache=cache)
+
+    step()
+    return step
+
+
+def attention_ms(args, rows: int, cache_len: int, kind: str) -> float:
+    """Milliseconds of one layer's decoding attention over `rows` caches of `cache_len` tokens, cycling
+    through n_layers caches so that they come from memory, as in a model. kind: "sdpa" (model.py's call
+    on its token-major cache), "matmul" (scores, softmax, weighted sum, on a head-major cache), "sdpa
+    float32" (the same call on a float32 cache), "read" (summing the cache: the memory's read rate)."""
+    import torch.nn.functional as F
+
+    dtype = torch.float32 if kind == "sdpa float32" else torch.bfloat16
+    shape = (rows, cache_len, args.n_kv_heads, args.head_dim)
+    caches = [(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)) for _ in range(args.n_layers)]
+    if kind == "matmul":
+        caches = [(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()) for k, v in caches]
+    q = torch.randn(rows, args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim, dtype=dtype)
+    mask = torch.zeros(rows, 1, 1, cache_len, dtype=dtype)
+
+    def layer(k, v):
+        if kind == "read":
+            return k.sum() + v.sum()
+        if kind == "matmul":
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(args.head_dim ** -0.5).add_(mask)
+            return torch.matmul(torch.softmax(scores, -1), v)
+        return F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+
+    def all_layers():
+        for k, v in caches:
+            layer(k, v)
+
+    with torch.no_grad():
+        all_layers()
+        return 1e3 * min(timed(all_layers, "cpu") for _ in range(3)) / args.n_layers
+
+
+def decode_profile(args) -> None:
+    """Print where a rollout's time goes on this CPU: the recipe's rollouts split into prefill, decoding
+    and the rest; a decoding step by rows and cache length, and the kernels' shares of one; decoding
+    attention's kernels against the memory's read rate."""
+    import rise
+    import toy
+
+    cfg = rise.Config(**{**toy.SMOLLM2_PRESET, "dtype": args.dtype})
+    policy = rise.load_policy(Path(args.model), cfg, rise.prompts_for(cfg))
+    model, margs = policy.model, policy.model.args
+    print(f"| one batch of the recipe's rollouts ({args.dtype}, {cfg.rows_per_batch} rows) | seconds | "
+          "prefill | decoding steps | the rest |\n|---|---|---|---|---|")
+    for name, total, prefill, decode in rollout_split(policy, cfg):
+        parts = (prefill, decode, total - prefill - decode)
+        print(f"| {name} | {total:.1f} | " + " | ".join(f"{t:.1f} ({100 * t / total:.0f}%)" for t in parts) + " |")
+    print("\n| rows | cache 150 tokens | cache 500 tokens |\n|---|---|---|")
+    for rows in (50, 100, 200, 300):
+        cells = [1e3 * min(timed(step, "cpu") for _ in range(4)) for step in
+                 (decode_step(model, rows, n) for n in (150, 500))]
+        print(f"| {rows} | " + " | ".join(f"{ms:.0f} ms ({1e3 * rows / ms:.0f} tok/s)" for ms in cells) + " |")
+    from torch.profiler import ProfilerActivity, profile
+
+    step = decode_step(model, 100, 500)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(4):
+            step()
+    shares = {}
+    for event in prof.key_averages():
+        kind = "attention" if "scaled_dot_product" in event.key else "matrix products" if event.key in (
+            "aten::mm", "aten::addmm", "aten::bmm") else "cache writes" if event.key == "aten::index_copy_" else "other"
+        shares[kind] = shares.get(kind, 0.0) + event.self_cpu_time_total
+    print("\nshares of a decoding step at 100 rows, cache 500 (torch.profiler, self CPU time): " + ", ".join(
+        f"{kind} {100 * t / sum(shares.values()):.0f}%" for kind, t in shares.items()))
+    size = 2 * 100 * 500 * margs.n_kv_heads * margs.head_dim * 2 / 1e9  # GB of a layer's bf16 keys and values
+    print(f"\n| decoding attention, one layer, 100 rows x 500 tokens ({1e3 * size:.1f} MB in bf16) | ms | "
+          "cache read at |\n|---|---|---|")
+    for kind in ("sdpa", "matmul", "sdpa float32", "read"):
+        ms = attention_ms(margs, 100, 500, kind)
+        scale = 2 if kind == "sdpa float32" else 1
+        print(f"| {kind} | {ms:.2f} | {scale * size / ms * 1e3:.1f} GB/s |")
+
+
 def run_worker(kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", str(args.model), "--dtype", args.dtype,
            "--device", args.device, "--reps", str(args.reps), "--rollout-reps", str(args.rollout_reps)]
@@ -632,6 +759,9 @@ def main():
                              "multi-turn rollout and one AWR step on --device (cuda), printing decode and training "
                              "tokens/s and peak memory beside the memory planner's estimate (1b: about 1 minute "
                              "on one H200)")
+    parser.add_argument("--decode-profile", action="store_true",
+                        help="instead of the comparison: where a rollout's time goes (prefill, decoding, attention "
+                             "kernels against the memory's read rate); about 5 minutes for SmolLM2 in bf16")
     parser.add_argument("--worker", choices=["speed", "memory_ours", "memory_hf", "rollout", "train", "collect"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -640,6 +770,13 @@ def main():
               "memory_hf": lambda a: worker_memory(a, "hf"), "rollout": worker_rollout,
               "train": worker_train, "collect": worker_collect}[args.worker]
         print(json.dumps(fn(args)))
+        return
+    if args.decode_profile:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        if args.model is None:
+            from smollm2 import build_smollm2
+            args.model = build_smollm2()
+        decode_profile(args)
         return
     if args.gpu_check:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

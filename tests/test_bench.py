@@ -46,3 +46,21 @@ def test_the_collection_timing_counts_what_generate_samples_and_prefills(tiny_ch
                              problems=2)
     assert 1 <= r["calls"] <= 10 and 0 < r["sampled"] <= 2 * 4 * 5 * 64  # (two calls a turn: encode, sample)
     assert r["prefilled"] > 0 and r["collect_s"] > 0 and 1 <= r["turns"] <= 5
+
+
+def test_the_rollout_split_times_prefill_and_decoding_apart_and_restores_the_model(tiny_checkpoints):
+    import data
+    import rise
+
+    cfg = rise.Config(model=str(tiny_checkpoints["tied"]), rows_per_batch=8, max_new_tokens=2, temperature=0.7,
+                      dtype="float32")
+    policy = rise.load_policy(tiny_checkpoints["tied"], cfg, data.TOY_PROMPTS)
+    policy.model.args.max_seq_len = 1024  # five turns of the tiny tokenizer's long encodings (rotary: any length)
+    forward = M.Transformer.forward
+    rows = bench.rollout_split(policy, cfg)
+    assert M.Transformer.forward is forward  # the timing wrapper is gone again
+    assert [name.split(",")[0] for name, *_ in rows] == ["5 turns", "collection: best of 4 x 5 turns",
+                                                         "5 parallel samples"]
+    assert [name.split(", ")[-1] for name, *_ in rows] == ["8 problems", "2 problems", "1 problems"]
+    for _, total, prefill, decode in rows:
+        assert prefill > 0 and decode > 0 and prefill + decode <= total
