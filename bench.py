@@ -383,15 +383,20 @@ def decode_step(model, rows: int, cache_len: int):
 def attention_ms(args, rows: int, cache_len: int, kind: str) -> float:
     """Milliseconds of one layer's decoding attention over `rows` caches of `cache_len` tokens, cycling
     through n_layers caches so that they come from memory, as in a model. kind: "sdpa" (model.py's call
-    on its token-major cache), "matmul" (scores, softmax, weighted sum, on a head-major cache), "sdpa
-    float32" (the same call on a float32 cache), "read" (summing the cache: the memory's read rate)."""
+    on its head-major cache, with room for more tokens), "sdpa token-major" (the same call on the
+    projections' layout), "matmul" (scores, softmax, weighted sum, on a head-major cache of exactly
+    cache_len tokens), "sdpa float32" (model.py's call on a float32 cache), "read" (summing the cache:
+    the memory's read rate)."""
     import torch.nn.functional as F
 
     dtype = torch.float32 if kind == "sdpa float32" else torch.bfloat16
-    shape = (rows, cache_len, args.n_kv_heads, args.head_dim)
-    caches = [(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)) for _ in range(args.n_layers)]
-    if kind == "matmul":
-        caches = [(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()) for k, v in caches]
+    room = 0 if kind in ("matmul", "read") else 64  # a turn's cache has room for the rest of the turn
+    shape = (rows, args.n_kv_heads, cache_len + room, args.head_dim)
+    caches = [(torch.randn(shape, dtype=dtype)[:, :, :cache_len], torch.randn(shape, dtype=dtype)[:, :, :cache_len])
+              for _ in range(args.n_layers)]
+    if kind == "sdpa token-major":
+        caches = [(k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2))
+                  for k, v in caches]
     q = torch.randn(rows, args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim, dtype=dtype)
     mask = torch.zeros(rows, 1, 1, cache_len, dtype=dtype)
 
@@ -401,7 +406,7 @@ def attention_ms(args, rows: int, cache_len: int, kind: str) -> float:
         if kind == "matmul":
             scores = torch.matmul(q, k.transpose(-1, -2)).mul_(args.head_dim ** -0.5).add_(mask)
             return torch.matmul(torch.softmax(scores, -1), v)
-        return F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def all_layers():
         for k, v in caches:
@@ -448,7 +453,7 @@ def decode_profile(args) -> None:
     size = 2 * 100 * 500 * margs.n_kv_heads * margs.head_dim * 2 / 1e9  # GB of a layer's bf16 keys and values
     print(f"\n| decoding attention, one layer, 100 rows x 500 tokens ({1e3 * size:.1f} MB in bf16) | ms | "
           "cache read at |\n|---|---|---|")
-    for kind in ("sdpa", "matmul", "sdpa float32", "read"):
+    for kind in ("sdpa", "sdpa token-major", "matmul", "sdpa float32", "read"):
         ms = attention_ms(margs, 100, 500, kind)
         scale = 2 if kind == "sdpa float32" else 1
         print(f"| {kind} | {ms:.2f} | {scale * size / ms * 1e3:.1f} GB/s |")

@@ -201,9 +201,9 @@ class Attention(nn.Module):
         # rotate queries and keys together: one set of rotary kernels instead of two
         qk = apply_rope(torch.cat((q, k), dim=2), cos, sin)  # (B, T, H + Hkv, D)
         q, k = qk[:, :, :H], qk[:, :, H:]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, kv_len, Hkv, D): this row's whole history
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, kv_len, D)
+            k, v = cache.update(layer, k, v)  # (B, Hkv, kv_len, D): this row's whole history
         if T == 1:
             # Decoding: the H / Hkv query heads that share a kv head become that many queries of one head,
             # so each cached key is read once, not copied per query head as enable_gqa does on a CPU (a
@@ -348,9 +348,10 @@ def attention_mask(queries: torch.Tensor, keys: torch.Tensor, window: int | None
 class KVCache:
     """Keys and values of B conversations, each with its own length.
 
-    k[layer] is (B, capacity + 1, n_kv_heads, head_dim), the layout the projections produce, so a
-    forward pass writes each valid token at its row's next position with one index_copy_; padding
-    tokens all go to the spare last position, which no query ever reads. Bookkeeping (`lengths`,
+    k[layer] is (B, n_kv_heads, capacity + 1, head_dim): head-major, so that decoding attention reads each
+    head's keys as one contiguous run (1.4x faster than the projections' token-major layout on the AMD
+    EPYC, docs/performance.md). A forward pass writes each valid token at its row's next position with one
+    index_copy_; padding tokens all go to the spare last position, which no query ever reads. Bookkeeping (`lengths`,
     where to write) lives on the CPU, so it never reads from the device. `pending[b]` holds tokens that
     belong to row b's conversation but have not been run through the model yet (the last sampled
     token of each turn): the next call of `generate` feeds them first.
@@ -359,7 +360,7 @@ class KVCache:
     def __init__(self, args: ModelArgs, batch_size: int, capacity: int, dtype, device):
         self.args, self.device = args, torch.device(device)
         self.capacity = 0
-        shape = (batch_size, 1, args.n_kv_heads, args.head_dim)  # just the spare slot: grow() makes room
+        shape = (batch_size, args.n_kv_heads, 1, args.head_dim)  # just the spare slot: grow() makes room
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long)  # on CPU: cheap to read for bookkeeping
@@ -379,8 +380,8 @@ class KVCache:
             return
         for cached in (self.k, self.v):
             for i, t in enumerate(cached):  # the cached tokens, then zeros up to the new spare slot
-                zeros = t.new_zeros(t.shape[0], capacity + 1 - self.capacity, *t.shape[2:])
-                cached[i] = torch.cat((t[:, :self.capacity], zeros), 1)
+                zeros = t.new_zeros(*t.shape[:2], capacity + 1 - self.capacity, t.shape[3])
+                cached[i] = torch.cat((t[:, :, :self.capacity], zeros), 2)
         self.capacity = capacity
 
     def advance(self, T: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -394,18 +395,19 @@ class KVCache:
                              "call grow() first")
         positions = (self.lengths[:, None] + torch.arange(T)).masked_fill(~valid, 0)  # (B, T)
         # padding is written to the spare slot `capacity`, which every kv slice below leaves out
-        slots = positions.masked_fill(~valid, self.capacity) + torch.arange(len(valid))[:, None] * (self.capacity + 1)
-        self._write_at = slots.flatten().to(self.device)  # (B * T,) into the (B * (capacity + 1)) rows
+        heads = torch.arange(len(valid) * self.args.n_kv_heads).view(-1, self.args.n_kv_heads, 1)  # (B, Hkv, 1)
+        slots = positions.masked_fill(~valid, self.capacity)[:, None] + heads * (self.capacity + 1)
+        self._write_at = slots.flatten().to(self.device)  # (B * Hkv * T,) into the (B * Hkv * (capacity + 1)) rows
         self.kv_len = max(1, int(end.max()))
         self.lengths = end
         return positions
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write this chunk's keys/values (B, T, Hkv, D) and return the cached (B, kv_len, Hkv, D)."""
-        width = self.args.n_kv_heads * self.args.head_dim
-        self.k[layer].view(-1, width).index_copy_(0, self._write_at, k.reshape(-1, width))
-        self.v[layer].view(-1, width).index_copy_(0, self._write_at, v.reshape(-1, width))
-        return self.k[layer][:, :self.kv_len], self.v[layer][:, :self.kv_len]
+        """Write this chunk's keys/values (B, Hkv, T, D) and return the cached (B, Hkv, kv_len, D)."""
+        D = self.args.head_dim
+        self.k[layer].view(-1, D).index_copy_(0, self._write_at, k.reshape(-1, D))
+        self.v[layer].view(-1, D).index_copy_(0, self._write_at, v.reshape(-1, D))
+        return self.k[layer][:, :, :self.kv_len], self.v[layer][:, :, :self.kv_len]
 
     def reorder(self, index) -> None:
         """Row i becomes a copy of old row index[i]: best-of-N continues every sample from the best one."""
