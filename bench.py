@@ -36,7 +36,7 @@ Shared machines are noisy, so every timed section is the best of --reps repetiti
 2; the rollout: of --rollout-reps), the engines take turns within each repetition, and the copy
 bandwidth is measured right beside the batch-1 runs. Without the training step the run took about 6
 minutes on 2 cores of an Intel Sapphire Rapids (1-2 of them compiling); with it, 28 minutes on 2 cores of
-an AMD EPYC without AVX-512 (the step 13 of them). Numbers, not tests: docs/performance.md holds the
+an AMD EPYC without AVX-512 (the step 13 of them), and 9.8 minutes in bf16 on one with AVX512-BF16. Numbers, not tests: docs/performance.md holds the
 measured tables and the command that made them.
 """
 
@@ -210,7 +210,11 @@ def worker_rollout(args, turns: int = 5, rows: int = 16, attempt_tokens: int = 4
             start = time.perf_counter()
             tokens[name] = fn()
             results[name] = min(results[name], time.perf_counter() - start)
-    assert tokens["reuse"] == tokens["reencode"], "KV reuse changed the tokens"
+    # in float32 the two give the same greedy tokens; in bf16, decoding a token at a time rounds otherwise
+    # than encoding the whole history, and a near-tie can go the other way (before and after the
+    # head-major cache), so there the rollout is timed but not compared
+    if args.dtype == "float32":
+        assert tokens["reuse"] == tokens["reencode"], "KV reuse changed the tokens"
     results["tokens"] = turns * rows * attempt_tokens
     return results
 
