@@ -36,8 +36,8 @@ Shared machines are noisy, so every timed section is the best of --reps repetiti
 2; the rollout: of --rollout-reps), the engines take turns within each repetition, and the copy
 bandwidth is measured right beside the batch-1 runs. Without the training step the run took about 6
 minutes on 2 cores of an Intel Sapphire Rapids (1-2 of them compiling); with it, 28 minutes on 2 cores of
-an AMD EPYC without AVX-512 (the step 13 of them), and 9.8 minutes in bf16 on one with AVX512-BF16. Numbers, not tests: docs/performance.md holds the
-measured tables and the command that made them.
+an AMD EPYC without AVX-512 (the step 13 of them), and 9.8 minutes in bf16 on one with AVX512-BF16.
+Numbers, not tests: docs/performance.md holds the measured tables and the command that made them.
 """
 
 from __future__ import annotations
@@ -211,8 +211,7 @@ def worker_rollout(args, turns: int = 5, rows: int = 16, attempt_tokens: int = 4
             tokens[name] = fn()
             results[name] = min(results[name], time.perf_counter() - start)
     # in float32 the two give the same greedy tokens; in bf16, decoding a token at a time rounds otherwise
-    # than encoding the whole history, and a near-tie can go the other way (before and after the
-    # head-major cache), so there the rollout is timed but not compared
+    # than encoding the whole history, and a near-tie can go the other way, so there it is timed only
     if args.dtype == "float32":
         assert tokens["reuse"] == tokens["reencode"], "KV reuse changed the tokens"
     results["tokens"] = turns * rows * attempt_tokens
@@ -396,11 +395,12 @@ def attention_ms(args, rows: int, cache_len: int, kind: str) -> float:
     dtype = torch.float32 if kind == "sdpa float32" else torch.bfloat16
     room = 0 if kind in ("matmul", "read") else 64  # a turn's cache has room for the rest of the turn
     shape = (rows, args.n_kv_heads, cache_len + room, args.head_dim)
-    caches = [(torch.randn(shape, dtype=dtype)[:, :, :cache_len], torch.randn(shape, dtype=dtype)[:, :, :cache_len])
-              for _ in range(args.n_layers)]
-    if kind == "sdpa token-major":
-        caches = [(k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2))
-                  for k, v in caches]
+
+    def cache():
+        t = torch.randn(shape, dtype=dtype)[:, :, :cache_len]
+        return t.transpose(1, 2).contiguous().transpose(1, 2) if kind == "sdpa token-major" else t
+
+    caches = [(cache(), cache()) for _ in range(args.n_layers)]
     q = torch.randn(rows, args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim, dtype=dtype)
     mask = torch.zeros(rows, 1, 1, cache_len, dtype=dtype)
 

@@ -349,12 +349,12 @@ class KVCache:
     """Keys and values of B conversations, each with its own length.
 
     k[layer] is (B, n_kv_heads, capacity + 1, head_dim): head-major, so that decoding attention reads each
-    head's keys as one contiguous run (1.4x faster than the projections' token-major layout on the AMD
-    EPYC, docs/performance.md). A forward pass writes each valid token at its row's next position with one
-    index_copy_; padding tokens all go to the spare last position, which no query ever reads. Bookkeeping (`lengths`,
-    where to write) lives on the CPU, so it never reads from the device. `pending[b]` holds tokens that
-    belong to row b's conversation but have not been run through the model yet (the last sampled
-    token of each turn): the next call of `generate` feeds them first.
+    head's keys as one contiguous run (1.4x faster than the projections' token-major layout on an AMD
+    EPYC, docs/performance.md). A forward pass writes each valid token at its row's next position with
+    one index_copy_; padding tokens all go to the spare last position, which no query ever reads.
+    Bookkeeping (`lengths`, where to write) lives on the CPU, so it never reads from the device.
+    `pending[b]` holds tokens that belong to row b's conversation but have not been run through the
+    model yet (the last sampled token of each turn): the next call of `generate` feeds them first.
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, capacity: int, dtype, device):
