@@ -385,31 +385,32 @@ def decode_step(model, rows: int, cache_len: int):
 
 def attention_ms(args, rows: int, cache_len: int, kind: str) -> float:
     """Milliseconds of one layer's decoding attention over `rows` caches of `cache_len` tokens, cycling
-    through n_layers caches so that they come from memory, as in a model. kind: "sdpa" (model.py's call
-    on its head-major cache, with room for more tokens), "sdpa token-major" (the same call on the
-    projections' layout), "matmul" (scores, softmax, weighted sum, on a head-major cache of exactly
-    cache_len tokens), "sdpa float32" (model.py's call on a float32 cache), "read" (summing the cache:
-    the memory's read rate)."""
+    through n_layers caches so that they come from memory, as in a model. Each cache has 64 slots of room
+    for the rest of a turn. kind: "matmul" (model.py's: scores, softmax, weighted sum over the whole
+    head-major buffer, the room masked), "sdpa" (torch's kernel on the cache_len tokens, a slice of the
+    buffer), "sdpa token-major" (the same on the projections' layout), "sdpa float32" (the same on a
+    float32 cache), "read" (summing the cache_len tokens: the memory's read rate)."""
     import torch.nn.functional as F
 
     dtype = torch.float32 if kind == "sdpa float32" else torch.bfloat16
-    room = 0 if kind in ("matmul", "read") else 64  # a turn's cache has room for the rest of the turn
-    shape = (rows, args.n_kv_heads, cache_len + room, args.head_dim)
+    room = 64 if kind == "matmul" else 0  # the SDPA kinds read a slice of cache_len tokens
+    shape = (rows, args.n_kv_heads, cache_len + (0 if kind == "read" else 64), args.head_dim)
 
     def cache():
-        t = torch.randn(shape, dtype=dtype)[:, :, :cache_len]
+        t = torch.randn(shape, dtype=dtype)[:, :, :cache_len + room]
         return t.transpose(1, 2).contiguous().transpose(1, 2) if kind == "sdpa token-major" else t
 
     caches = [(cache(), cache()) for _ in range(args.n_layers)]
     q = torch.randn(rows, args.n_kv_heads, args.n_heads // args.n_kv_heads, args.head_dim, dtype=dtype)
-    mask = torch.zeros(rows, 1, 1, cache_len, dtype=dtype)
+    mask = torch.zeros(rows, 1, 1, cache_len + room, dtype=dtype)
+    mask[..., cache_len:] = -math.inf
 
     def layer(k, v):
         if kind == "read":
             return k.sum() + v.sum()
-        if kind == "matmul":
-            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(args.head_dim ** -0.5).add_(mask)
-            return torch.matmul(torch.softmax(scores, -1), v)
+        if kind == "matmul":  # model.py's Attention at T == 1
+            scores = (q @ k.transpose(-1, -2)).float() * args.head_dim ** -0.5 + mask
+            return torch.softmax(scores, dim=-1).to(v.dtype) @ v
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def all_layers():
@@ -449,15 +450,20 @@ def decode_profile(args) -> None:
             step()
     shares = {}
     for event in prof.key_averages():
-        kind = "attention" if "scaled_dot_product" in event.key else "matrix products" if event.key in (
-            "aten::mm", "aten::addmm", "aten::bmm") else "cache writes" if event.key == "aten::index_copy_" else "other"
+        # decoding attention is model.py's batched products (bmm) and softmax; the weights' are mm / addmm
+        if event.key in ("aten::bmm", "aten::_softmax") or "scaled_dot_product" in event.key:
+            kind = "attention"
+        elif event.key in ("aten::mm", "aten::addmm"):
+            kind = "matrix products"
+        else:
+            kind = "cache writes" if event.key == "aten::index_copy_" else "other"
         shares[kind] = shares.get(kind, 0.0) + event.self_cpu_time_total
     print("\nshares of a decoding step at 100 rows, cache 500 (torch.profiler, self CPU time): " + ", ".join(
         f"{kind} {100 * t / sum(shares.values()):.0f}%" for kind, t in shares.items()))
     size = 2 * 100 * 500 * margs.n_kv_heads * margs.head_dim * 2 / 1e9  # GB of a layer's bf16 keys and values
     print(f"\n| decoding attention, one layer, 100 rows x 500 tokens ({1e3 * size:.1f} MB in bf16) | ms | "
           "cache read at |\n|---|---|---|")
-    for kind in ("sdpa", "sdpa token-major", "matmul", "sdpa float32", "read"):
+    for kind in ("matmul", "sdpa", "sdpa token-major", "sdpa float32", "read"):
         ms = attention_ms(margs, 100, 500, kind)
         scale = 2 if kind == "sdpa float32" else 1
         print(f"| {kind} | {ms:.2f} | {scale * size / ms * 1e3:.1f} GB/s |")

@@ -38,6 +38,8 @@ def test_full_and_cached_logits_match_transformers(tiny_checkpoints, name):
         assert (ours(tokens, outputs=picked) - expected[picked]).abs().max() <= TOL
         # one token at a time through the KV cache
         cache = M.KVCache.for_model(ours, 2, T)
+        for buffer in cache.k + cache.v:  # a decoding step reads the whole buffer: the mask must hide what is unwritten
+            buffer.fill_(100.0)
         steps = torch.cat([ours(tokens[:, t:t + 1], cache=cache) for t in range(T)], 1)
         assert (steps - expected).abs().max() <= TOL
         # two chunks through the cache: the first is plain causal, the second needs a mask
