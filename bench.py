@@ -392,6 +392,8 @@ def attention_ms(args, rows: int, cache_len: int, kind: str) -> float:
     float32 cache), "read" (summing the cache_len tokens: the memory's read rate)."""
     import torch.nn.functional as F
 
+    import model as M
+
     dtype = torch.float32 if kind == "sdpa float32" else torch.bfloat16
     room = 64 if kind == "matmul" else 0  # the SDPA kinds read a slice of cache_len tokens
     shape = (rows, args.n_kv_heads, cache_len + (0 if kind == "read" else 64), args.head_dim)
@@ -408,9 +410,8 @@ def attention_ms(args, rows: int, cache_len: int, kind: str) -> float:
     def layer(k, v):
         if kind == "read":
             return k.sum() + v.sum()
-        if kind == "matmul":  # model.py's Attention at T == 1
-            scores = (q @ k.transpose(-1, -2)).float() * args.head_dim ** -0.5 + mask
-            return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+        if kind == "matmul":
+            return M.decode_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def all_layers():
