@@ -335,34 +335,37 @@ def worker_collect(args, problems: int = 64) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def rollout_split(policy, cfg) -> list[tuple[str, float, float, float]]:
+def rollout_split(policy, cfg) -> list[tuple[str, float, float, float, float]]:
     """One batch of each of the recipe's three kinds of rollout on arith:dev (5 turns of neutral feedback;
-    the collection's best of 4 x 5 turns under the oracle; 5 parallel samples), every forward pass timed:
-    (rollout, seconds, seconds in prefill forwards, seconds in decoding forwards)."""
+    the collection's best of 4 x 5 turns under the oracle; 5 parallel samples), every forward pass and
+    sampling step timed: (rollout, seconds, in prefill forwards, in decoding forwards, in sampling)."""
     import model as M
     import rise
     import toy
 
-    problems, spent, forward = toy.arith_problems("dev"), {}, M.Transformer.forward
+    problems, spent, forward, sample = toy.arith_problems("dev"), {}, M.Transformer.forward, M.sample
 
-    def timed_forward(self, tokens, *a, **kw):
-        start = time.perf_counter()
-        out = forward(self, tokens, *a, **kw)
-        kind = "decode" if tokens.shape[1] == 1 else "prefill"
-        spent[kind] = spent.get(kind, 0.0) + time.perf_counter() - start
-        return out
+    def clocked(kind, function):
+        def run(*a, **kw):
+            start = time.perf_counter()
+            out = function(*a, **kw)
+            key = kind if kind == "sample" else "decode" if a[1].shape[1] == 1 else "prefill"  # a[1]: tokens
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
+            return out
+        return run
 
     rows = []
-    M.Transformer.forward = timed_forward
+    M.Transformer.forward, M.sample = clocked("forward", forward), clocked("sample", sample)
     try:
         for name, widths, protocol in (("5 turns, neutral", [1] * 5, "neutral"), ("collection: best of 4 x 5 "
                                        "turns, oracle", [4] * 5, "oracle"), ("5 parallel samples", [5], "neutral")):
             spent.clear()
             n = cfg.rows_per_batch // max(widths)
             seconds = timed(lambda: rise.rollout(policy, problems[:n], cfg, widths, protocol), "cpu")
-            rows.append((f"{name}, {n} problems", seconds, spent.get("prefill", 0.0), spent.get("decode", 0.0)))
+            parts = (spent.get(kind, 0.0) for kind in ("prefill", "decode", "sample"))
+            rows.append((f"{name}, {n} problems", seconds, *parts))
     finally:
-        M.Transformer.forward = forward
+        M.Transformer.forward, M.sample = forward, sample
     return rows
 
 
@@ -424,8 +427,8 @@ def attention_ms(args, rows: int, cache_len: int, kind: str) -> float:
 
 
 def decode_profile(args) -> None:
-    """Print where a rollout's time goes on this CPU: the recipe's rollouts split into prefill, decoding
-    and the rest; a decoding step by rows and cache length, and the kernels' shares of one; decoding
+    """Print where a rollout's time goes on this CPU: the recipe's rollouts split into prefill, decoding,
+    sampling and the rest; a decoding step by rows and cache length, and the kernels' shares of one; decoding
     attention's kernels against the memory's read rate."""
     import rise
     import toy
@@ -434,9 +437,9 @@ def decode_profile(args) -> None:
     policy = rise.load_policy(Path(args.model), cfg, rise.prompts_for(cfg))
     model, margs = policy.model, policy.model.args
     print(f"| one batch of the recipe's rollouts ({args.dtype}, {cfg.rows_per_batch} rows) | seconds | "
-          "prefill | decoding steps | the rest |\n|---|---|---|---|---|")
-    for name, total, prefill, decode in rollout_split(policy, cfg):
-        parts = (prefill, decode, total - prefill - decode)
+          "prefill | decoding steps | sampling | the rest |\n|---|---|---|---|---|---|")
+    for name, total, prefill, decode, sampling in rollout_split(policy, cfg):
+        parts = (prefill, decode, sampling, total - prefill - decode - sampling)
         print(f"| {name} | {total:.1f} | " + " | ".join(f"{t:.1f} ({100 * t / total:.0f}%)" for t in parts) + " |")
     print("\n| rows | cache 150 tokens | cache 500 tokens |\n|---|---|---|")
     for rows in (50, 100, 200, 300):

@@ -437,7 +437,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     sampling."""
     if temperature < 1e-4:  # greedy, save for exact ties, and logits / temperature could overflow to NaN
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # one float32 copy, then in place: each new (B, vocab) buffer is 20 MB of pages the OS must fault in
+    probs = torch.softmax(logits.to(torch.float32, copy=True).div_(temperature), dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # drop a token when the tokens strictly more likely than it already reach top_p
@@ -446,7 +447,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
     # inverse CDF: one uniform number per row (torch.multinomial draws one per vocabulary entry, the most
     # expensive step of CPU decoding with a 49k vocabulary); right=True never lands on a zero-probability token
-    cdf = probs.cumsum(-1)
+    cdf = probs.cumsum_(-1)
     u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
 

@@ -48,7 +48,7 @@ def test_the_collection_timing_counts_what_generate_samples_and_prefills(tiny_ch
     assert r["prefilled"] > 0 and r["collect_s"] > 0 and 1 <= r["turns"] <= 5
 
 
-def test_the_rollout_split_times_prefill_and_decoding_apart_and_restores_the_model(tiny_checkpoints):
+def test_the_rollout_split_times_prefill_decoding_and_sampling_apart_and_restores_the_model(tiny_checkpoints):
     import data
     import rise
 
@@ -56,11 +56,11 @@ def test_the_rollout_split_times_prefill_and_decoding_apart_and_restores_the_mod
                       dtype="float32")
     policy = rise.load_policy(tiny_checkpoints["tied"], cfg, data.TOY_PROMPTS)
     policy.model.args.max_seq_len = 1024  # five turns of the tiny tokenizer's long encodings (rotary: any length)
-    forward = M.Transformer.forward
+    forward, sample = M.Transformer.forward, M.sample
     rows = bench.rollout_split(policy, cfg)
-    assert M.Transformer.forward is forward  # the timing wrapper is gone again
+    assert M.Transformer.forward is forward and M.sample is sample  # the timing wrappers are gone again
     assert [name.split(",")[0] for name, *_ in rows] == ["5 turns", "collection: best of 4 x 5 turns",
                                                          "5 parallel samples"]
     assert [name.split(", ")[-1] for name, *_ in rows] == ["8 problems", "2 problems", "1 problems"]
-    for _, total, prefill, decode in rows:
-        assert prefill > 0 and decode > 0 and prefill + decode <= total
+    for _, total, prefill, decode, sampling in rows:
+        assert prefill > 0 and decode > 0 and sampling > 0 and prefill + decode + sampling <= total

@@ -196,6 +196,8 @@ def test_sampling_is_reproducible_and_respects_top_p(tiny_checkpoints):
     # one uniform number per row through the cumulative distribution: the softmax's frequencies
     draws = M.sample(logits.repeat(40_000, 1), 1.0, 1.0, torch.Generator().manual_seed(0))
     assert (torch.bincount(draws, minlength=4) / 40_000 - torch.softmax(logits[0], -1)).abs().max() < 0.01
+    M.sample(logits, 0.5, 0.9)  # sampling works on a copy: the caller's float32 logits stay as they were
+    assert logits.tolist() == [[0.0, 1.0, 2.0, 3.0]]
 
 
 def test_stop_strings_and_eos_stop_each_row(tiny_checkpoints):
