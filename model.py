@@ -437,7 +437,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=Non
     sampling."""
     if temperature < 1e-4:  # greedy, save for exact ties, and logits / temperature could overflow to NaN
         return logits.argmax(-1)
-    # one float32 copy, then in place: each new (B, vocab) buffer is 20 MB of pages the OS must fault in
+    # one float32 copy, then in place: each new (B, vocab) buffer is fresh pages to fault in (20 MB at 100 rows)
     probs = torch.softmax(logits.to(torch.float32, copy=True).div_(temperature), dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
