@@ -345,17 +345,17 @@ def rollout_split(policy, cfg) -> list[tuple[str, float, float, float, float]]:
 
     problems, spent, forward, sample = toy.arith_problems("dev"), {}, M.Transformer.forward, M.sample
 
-    def clocked(kind, function):
+    def clocked(function, key):  # key(args): the part of the rollout a call's time counts to
         def run(*a, **kw):
             start = time.perf_counter()
             out = function(*a, **kw)
-            key = kind if kind == "sample" else "decode" if a[1].shape[1] == 1 else "prefill"  # a[1]: tokens
-            spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
+            spent[key(a)] = spent.get(key(a), 0.0) + time.perf_counter() - start
             return out
         return run
 
     rows = []
-    M.Transformer.forward, M.sample = clocked("forward", forward), clocked("sample", sample)
+    M.Transformer.forward = clocked(forward, lambda a: "decode" if a[1].shape[1] == 1 else "prefill")  # a[1]: tokens
+    M.sample = clocked(sample, lambda a: "sample")
     try:
         for name, widths, protocol in (("5 turns, neutral", [1] * 5, "neutral"), ("collection: best of 4 x 5 "
                                        "turns, oracle", [4] * 5, "oracle"), ("5 parallel samples", [5], "neutral")):
