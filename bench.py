@@ -676,11 +676,17 @@ def memory_estimate(args: M.ModelArgs, cfg: rise.Config, device_type: str, world
     rollout = {"weights": P * wbytes / GiB,
                "KV cache (rows_per_batch x longest state)": cfg.rows_per_batch * seq * kv_per_token / GiB,
                "logits of one decoding step": cfg.rows_per_batch * args.vocab_size * 4 / GiB}
+    # bf16 inference on a CPU multiplies by oneDNN's laid-out copy of each weight (model.linear); load makes it
+    packed = device_type == "cpu" and low and cfg.dtype != "float16"
+    if packed:
+        rollout["oneDNN's copy of the weights (model.linear)"] = P * 2 / GiB
     shard = world if cfg.fsdp else 1
     if cfg.lora_rank:
         trainable = lora_parameter_count(args, cfg.lora_rank)
         training = {"frozen weights": P * wbytes / GiB,
                     "LoRA adapters + gradients + AdamW (fp32)": trainable * 16 / GiB}
+        if packed:  # made by load's probe, though training's products (with gradients) do not use it
+            training["oneDNN's copy of the frozen weights (model.linear)"] = P * 2 / GiB
     else:
         master = 4 if cfg.dtype is None else wbytes
         training = {"weights (fp32 master)" if master == 4 else "weights": P * master / shard / GiB,

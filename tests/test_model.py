@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 import data
@@ -281,3 +282,25 @@ def test_a_vanishing_temperature_or_nucleus_samples_the_likeliest_token(temperat
     logits = torch.tensor([[0.5, 3.0, 1.0, -2.0], [9.0, 1.0, 8.5, 0.0]])
     for seed in range(5):
         assert M.sample(logits, temperature, top_p, torch.Generator().manual_seed(seed)).tolist() == [1, 0]
+
+
+def test_bf16_inference_products_equal_f_linear_and_follow_weight_changes(tiny_checkpoints):
+    """model.linear multiplies bf16 inference on a CPU by oneDNN's laid-out copy of the weight: the same
+    numbers as F.linear at any number of rows, a copy remade when the weight changes in place (as training
+    changes it), and plain F.linear, with no copy, where gradients are wanted."""
+    model = M.load(tiny_checkpoints["llama3_gqa"], dtype=torch.bfloat16, device="cpu")
+    weight = model.model.layers[0].mlp.up_proj.weight
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for rows in (1, 7, 100):
+            x = torch.randn(rows, weight.shape[1], generator=g).to(torch.bfloat16)
+            assert torch.equal(M.linear(x, weight), F.linear(x, weight))
+        assert hasattr(weight, "packed") == torch.backends.mkldnn.is_available()  # load's probe made the copies
+        weight.mul_(-2.0)  # in place: the copy made before is stale now
+        assert torch.equal(M.linear(x, weight), F.linear(x, weight))
+        tokens = torch.tensor([random_tokens(9, model.args.vocab_size, 3)])
+        packed_logits = model(tokens)
+    trained = M.Transformer(model.args).to(torch.bfloat16)  # fresh weights, no copies, and gradients on
+    trained.load_state_dict(model.state_dict())
+    assert torch.equal(trained(tokens).detach(), packed_logits)
+    assert not any(hasattr(p, "packed") for p in trained.parameters())
