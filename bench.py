@@ -5,6 +5,7 @@ bench.py -- speed and memory of model.py against Hugging Face transformers, on a
     python bench.py --model DIR --dtype bfloat16 --device cuda
     python bench.py --estimate-memory --model mistral-7b --device cuda [rise.py flags]   # plan a big run
     python bench.py --decode-profile --dtype bfloat16   # where a rollout's time goes (docs/performance.md)
+    python bench.py --recipe-floor runs/smollm2         # a finished run's stages against this machine's floor
 
 What it measures (speed: both engines in one process, taking turns; peak memory and the rollout:
 each in a process of its own):
@@ -28,9 +29,11 @@ each in a process of its own):
                   at temperature 0.7, 256 rows): sampled tokens/s against the compute floor (the
                   matrix-product rate / 2 FLOPs per parameter), and tokens prefilled per token sampled
   matrix products every weight matrix applied to 1 (or 32) vectors, nothing else: how much of a
-                  decoding step is the products themselves, and how much the kernels between them.
-                  Both engines run these same float32 products, so they also bound what any
-                  ratio to transformers can be: a step can never take less than its products.
+                  decoding step is the products themselves, and how much the kernels between them;
+                  by F.linear (transformers') and by model.linear (ours: in bf16 on a CPU, oneDNN's
+                  laid-out copies of the weights). A step can never take less than its products.
+  recipe floor    --recipe-floor RUN: the work each stage of a finished run did and the least time
+                  this machine could do it in (products at its rate, attention's reads at its memory's)
 
 Shared machines are noisy, so every timed section is the best of --reps repetitions (batch 32: of
 2; the rollout: of --rollout-reps), the engines take turns within each repetition, and the copy
@@ -88,13 +91,15 @@ def copy_bandwidth_gbs(device: str) -> float:
     return 2 * x.numel() * x.element_size() / seconds / 1e9  # read + write
 
 
-def products_seconds(model, device: str, rows: int = 1) -> float:
+def products_seconds(model, device: str, rows: int = 1, product=None) -> float:
     """Seconds per decoding step of its matrix products alone: every weight matrix of the model (and
-    the output matrix) applied to `rows` vectors (the batch size), in turn, nothing else. Both
-    engines call the same float32 kernel (F.linear) on the same weights, so this bounds either one:
-    what a step takes beyond it is the small kernels between the products and per-step bookkeeping."""
+    the output matrix) applied to `rows` vectors (the batch size), in turn, nothing else, by `product`:
+    F.linear (the default), which transformers calls, or model.linear, which ours calls (in bf16 on a
+    CPU, by oneDNN's laid-out copies of the weights). What a step takes beyond its products is the small
+    kernels between them and per-step bookkeeping."""
     import torch.nn.functional as F
 
+    product = product or F.linear
     matrices = [p for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name
                 and "lm_head" not in name]
     matrices.append(model.output_weight())
@@ -102,7 +107,7 @@ def products_seconds(model, device: str, rows: int = 1) -> float:
 
     def once():
         for m in matrices:
-            F.linear(inputs[m.shape[1]], m)
+            product(inputs[m.shape[1]], m)
 
     with torch.no_grad():
         once()
@@ -145,6 +150,8 @@ def worker_speed(args) -> dict:
     """Decode and prefill rates of all engines in one process, taking turns within each repetition,
     so that a slow spell of a shared machine hits them all alike; best of `reps` (batch 32: of 2,
     its runs being long). The copy bandwidth is measured just before and after the batch-1 runs."""
+    import model as M
+
     gens, ours = engines(args)
     vocab = ours.args.vocab_size
     device, result = args.device, {"bandwidth_gbs": 0.0}
@@ -163,6 +170,7 @@ def worker_speed(args) -> dict:
         if batch == 1:
             result["bandwidth_gbs"] = max(result["bandwidth_gbs"], copy_bandwidth_gbs(device))
         result[f"products_s_b{batch}"] = products_seconds(ours, device, rows=batch)
+        result[f"our_products_s_b{batch}"] = products_seconds(ours, device, rows=batch, product=M.linear)
         for name in names:
             result[f"{name}_decode_b{batch}"] = batch * (NEW_TOKENS - 1) / (full[name] - first[name])
             result[f"{name}_prefill_b{batch}"] = batch * PROMPT_LEN / first[name]
@@ -457,7 +465,7 @@ def decode_profile(args) -> None:
         # decoding attention is model.py's batched products (bmm) and softmax; the weights' are mm / addmm
         if event.key in ("aten::bmm", "aten::_softmax") or "scaled_dot_product" in event.key:
             kind = "attention"
-        elif event.key in ("aten::mm", "aten::addmm"):
+        elif event.key in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"):  # the last: model.linear's
             kind = "matrix products"
         else:
             kind = "cache writes" if event.key == "aten::index_copy_" else "other"
@@ -471,6 +479,136 @@ def decode_profile(args) -> None:
         ms = attention_ms(margs, 100, 500, kind)
         scale = 2 if kind == "sdpa float32" else 1
         print(f"| {kind} | {ms:.2f} | {scale * size / ms * 1e3:.1f} GB/s |")
+
+
+# --------------------------------------------------------------------------------------------
+# The work a run did, and the least time this machine could do it in: python bench.py --recipe-floor RUN
+# --------------------------------------------------------------------------------------------
+
+
+def rollout_work(episodes, tokenizer, cfg) -> dict:
+    """Tokens a rollout of these episodes sampled and prefilled, re-counted from its files: each state is
+    encoded once (its first turn whole, then only what a turn appends), and each attempt is its text's
+    tokens and the token that ended it. `positions`: the keys all those tokens attended over, summed."""
+    import data
+    import rise
+
+    work = dict.fromkeys(("sampled", "prefilled", "prefill_positions", "decode_positions"), 0)
+    prompts = rise.prompts_for(cfg)
+
+    def state_length(ep, t):
+        return len(data.render_state(tokenizer, data.state_messages(ep.problem, ep.attempts[:t], prompts,
+                                                                    ep.feedback, cfg.context)))
+
+    def attempt_length(text):
+        return min(len(tokenizer.encode(text, add_special_tokens=False)) + 1, cfg.max_new_tokens)
+
+    for ep in episodes:
+        cached = 0  # tokens of the episode in its cache
+        for t, candidates in enumerate(ep.turns):
+            state = state_length(ep, t)
+            new = max(state - cached, 0)
+            work["prefilled"] += new
+            work["prefill_positions"] += new * cached + new * (new + 1) // 2
+            for c in candidates:
+                n = attempt_length(c.text)
+                work["sampled"] += n
+                work["decode_positions"] += n * state + n * (n + 1) // 2
+            cached = state + attempt_length(ep.attempts[t])
+    return work
+
+
+def training_work(episodes, tokenizer, cfg, eos_ids) -> dict:
+    """Positions one epoch of rise.train runs over these episodes' examples (each state once, its attempts
+    packed after it, rise.pack) and the tokens it trains (the output matrix runs at those only)."""
+    import data
+    import rise
+
+    states = {}
+    for e in data.training_examples(episodes, tokenizer, rise.prompts_for(cfg), eos_ids, cfg.context):
+        states.setdefault(tuple(e.ids[:e.mask.index(1)]), []).append(e)
+    work = {"examples": 0, "positions": 0, "trained": 0, "attention_positions": 0}
+    for state, examples in states.items():
+        work["positions"] += len(state)
+        work["attention_positions"] += len(state) * (len(state) + 1) // 2
+        for e in examples:
+            n = len(e.ids) - len(state)
+            work["examples"] += 1
+            work["positions"] += n
+            work["trained"] += sum(e.mask)
+            work["attention_positions"] += n * len(state) + n * (n + 1) // 2
+    return work
+
+
+def recipe_floor(out: Path) -> tuple[dict, list[dict]]:
+    """Each stage of the finished run in `out`: the work it did (rollout_work, training_work), the least
+    time this machine could do that work in, and the time it took (from its files' modification times,
+    the run starting at config.json's: a resumed run's stages are not timed right).
+
+    The floor: every matrix product at this machine's rate for a training step's shapes (matmul_gflops, in
+    the rollouts' dtype), 2 FLOPs per weight per position (6 in training, backward included) and 4 per
+    head dimension per attended key, plus decoding attention reading each attended key and value once at
+    the memory's read rate (half the copy bandwidth, which counts a read and a write)."""
+    import checks
+    import data
+    import model as M
+    import rise
+
+    cfg = rise.Config(**json.loads((out / "config.json").read_text()))
+    path = checks.base_checkpoint(cfg)
+    args, tokenizer = M.check_checkpoint(path), data.Tokenizer(path)
+    dtype = getattr(torch, cfg.dtype or ("bfloat16" if rise.fast_bf16(cfg) else "float32"))
+    rates = {"gflops": matmul_gflops(dtype, "cpu"), "read_gbs": copy_bandwidth_gbs("cpu") / 2,
+             "dtype": str(dtype).removeprefix("torch.")}
+    output = args.vocab_size * args.dim
+    layers = parameter_count(args) - output * (1 if args.tie_word_embeddings else 2)  # the layers' weights
+    attention = 4 * args.n_heads * args.head_dim * args.n_layers  # FLOPs per attended key, all layers
+    kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * dtype.itemsize  # one key and value
+    stages, start = [], (out / "config.json").stat().st_mtime
+
+    def evaluation(name):
+        return [out / "eval" / f"{name}_{kind}.jsonl" for kind in ("oracle", "neutral", "parallel")]
+
+    plan = [("evaluation of base", evaluation("base"))]  # (stage, the files it wrote: the last one ends it)
+    for k in range(1, cfg.iterations + 1):
+        trajectories = out / f"iter{k}" / "trajectories.jsonl"
+        plan += [(f"collection {k}", [trajectories]), (f"training {k}", [trajectories, out / f"iter{k}" / "train.json"]),
+                 (f"evaluation of iter{k}", evaluation(f"iter{k}"))]
+    for stage, files in plan:
+        if stage.startswith("training"):
+            work = training_work(data.episodes_from_jsonl(files[0].read_text()), tokenizer, cfg, args.eos_ids)
+            flops = cfg.epochs * (6 * layers * work["positions"] + 6 * output * work["trained"]
+                                  + 3 * attention * work["attention_positions"])
+            read = 0
+        else:
+            work = {}
+            for file in files:
+                for key, n in rollout_work(data.episodes_from_jsonl(file.read_text()), tokenizer, cfg).items():
+                    work[key] = work.get(key, 0) + n
+            flops = (2 * layers * (work["sampled"] + work["prefilled"]) + 2 * output * work["sampled"]
+                     + attention * (work["prefill_positions"] + work["decode_positions"]))
+            read = kv_bytes * work["decode_positions"]
+        end = max(file.stat().st_mtime for file in files)
+        floor = flops / (rates["gflops"] * 1e9) + read / (rates["read_gbs"] * 1e9)
+        stages.append({"stage": stage, **work, "tflop": flops / 1e12, "cache_read_gb": read / 1e9,
+                       "floor_s": floor, "took_s": end - start})
+        start = end
+    return rates, stages
+
+
+def print_recipe_floor(out: Path) -> None:
+    rates, stages = recipe_floor(out)
+    print(f"{out}: this machine ({cpu_name()}, {os.cpu_count()} cores) multiplies {rates['dtype']} matrices at "
+          f"{rates['gflops']:.0f} GFLOP/s and reads memory at {rates['read_gbs']:.1f} GB/s\n")
+    print("| stage | tokens sampled | prefilled | trained | TFLOP | keys and values read | floor | took | floor / took |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s in stages:
+        print(f"| {s['stage']} | {s.get('sampled', 0):,} | {s.get('prefilled', 0):,} | {s.get('trained', 0):,} | "
+              f"{s['tflop']:.0f} | {s['cache_read_gb']:,.0f} GB | {s['floor_s'] / 60:.1f} min | "
+              f"{s['took_s'] / 60:.1f} min | {s['floor_s'] / s['took_s']:.2f} |")
+    floor, took = sum(s["floor_s"] for s in stages), sum(s["took_s"] for s in stages)
+    print(f"| the run | | | | {sum(s['tflop'] for s in stages):.0f} | | {floor / 60:.1f} min | {took / 60:.1f} min | "
+          f"{floor / took:.2f} |")
 
 
 def run_worker(kind: str, args) -> dict:
@@ -788,6 +926,9 @@ def main():
     parser.add_argument("--decode-profile", action="store_true",
                         help="instead of the comparison: where a rollout's time goes (prefill, decoding, attention "
                              "kernels against the memory's read rate); 2.8 minutes for SmolLM2 in bf16 on 2 Intel cores")
+    parser.add_argument("--recipe-floor", metavar="RUN", type=Path,
+                        help="instead of the comparison: the work each stage of a finished rise.py run did (from its "
+                             "files), the least time this machine could do it in, and the time it took")
     parser.add_argument("--worker", choices=["speed", "memory_ours", "memory_hf", "rollout", "train", "collect"],
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -796,6 +937,10 @@ def main():
               "memory_hf": lambda a: worker_memory(a, "hf"), "rollout": worker_rollout,
               "train": worker_train, "collect": worker_collect}[args.worker]
         print(json.dumps(fn(args)))
+        return
+    if args.recipe_floor:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        print_recipe_floor(args.recipe_floor)
         return
     if args.gpu_check:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -848,11 +993,12 @@ def main():
           f"{100 * speed['compiled_decode_b1'] / floor:.0f}% compiled")
     for batch, target in ((1, 1.8), (32, 2.0)):
         products, ours, hf = speed[f"products_s_b{batch}"], speed[f"ours_decode_b{batch}"], speed[f"hf_decode_b{batch}"]
-        cap = batch / products  # tok/s if a step were its matrix products and nothing else
+        packed = speed[f"our_products_s_b{batch}"]
+        cap = batch / packed  # tok/s if a step were its matrix products and nothing else
         print(f"batch {batch}: of a step's {1e3 * batch / ours:.1f} ms (eager; transformers {1e3 * batch / hf:.1f} ms), "
-              f"the matrix products alone take {1e3 * products:.1f} ms ({weights / products / 1e9:.1f} GB/s of "
-              f"weights), so no engine running them decodes faster than {cap:.1f} tok/s = {cap / hf:.2f}x "
-              f"transformers ({target}x would need {target * hf:.1f})")
+              f"the matrix products alone take {1e3 * packed:.1f} ms ({weights / packed / 1e9:.1f} GB/s of weights; "
+              f"F.linear's, which transformers runs, {1e3 * products:.1f} ms), so model.py cannot decode faster than "
+              f"{cap:.1f} tok/s = {cap / hf:.2f}x transformers ({target}x would need {target * hf:.1f})")
     # a training step's FLOPs: 6 per parameter per position (forward 2, backward 4), the output matrix included
     import model as M
 

@@ -64,3 +64,41 @@ def test_the_rollout_split_times_prefill_decoding_and_sampling_apart_and_restore
     assert [name.split(", ")[-1] for name, *_ in rows] == ["8 problems", "2 problems", "1 problems"]
     for _, total, prefill, decode, sampling in rows:
         assert prefill > 0 and decode > 0 and sampling > 0 and prefill + decode + sampling <= total
+
+
+def test_the_recipe_floor_recounts_the_work_a_run_did(smollm2_dir, tmp_path, monkeypatch):
+    """bench.py --recipe-floor counts a finished run's work again from its files: the tokens generate sampled (to
+    within re-tokenising the stored texts), exactly the tokens training trained, no more positions than training
+    ran, and for every stage a floor below the time it took."""
+    from collections import Counter
+
+    import rise
+    import toy
+
+    monkeypatch.setenv("RISE_CACHE", str(smollm2_dir.parent.parent))
+    monkeypatch.delenv("RISE_MODELS", raising=False)
+    counted, generate, logprobs = Counter(), M.generate, rise.token_logprobs
+
+    def counting_generate(*args, **kwargs):
+        outs = generate(*args, **kwargs)
+        counted["sampled"] += sum(map(len, outs))
+        return outs
+
+    def counting_logprobs(model, ids, positions, segments, targets, owner):
+        counted["trained"] += int((owner >= 0).sum())
+        counted["positions"] += int((segments >= 0).sum())
+        return logprobs(model, ids, positions, segments, targets, owner)
+
+    monkeypatch.setattr(M, "generate", counting_generate)
+    monkeypatch.setattr(rise, "token_logprobs", counting_logprobs)
+    problems = toy.write_problems(tmp_path / "arith", {"train": 4, "dev": 0, "test": 3}, steps=1, max_value=20)
+    rise.main(["--model", "smollm2-135m", "--train-data", str(problems / "train.jsonl"), "--eval-data",
+               str(problems / "test.jsonl"), "--turns", "2", "--samples", "2", "--max-new-tokens", "24",
+               "--keep-uniform-turns", "--epochs", "1", "--batch-size", "4", "--micro-batch", "2",
+               "--out", str(tmp_path / "run")])
+    rates, stages = bench.recipe_floor(tmp_path / "run")
+    assert [s["stage"] for s in stages] == ["evaluation of base", "collection 1", "training 1", "evaluation of iter1"]
+    sampled = sum(s.get("sampled", 0) for s in stages)
+    assert abs(sampled - counted["sampled"]) <= 0.05 * counted["sampled"]
+    assert stages[2]["trained"] == counted["trained"] > 0 and stages[2]["positions"] <= counted["positions"]
+    assert rates["gflops"] > 0 and all(0 < s["floor_s"] < s["took_s"] for s in stages)
