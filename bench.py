@@ -519,24 +519,22 @@ def rollout_work(episodes, tokenizer, cfg) -> dict:
 
 
 def training_work(episodes, tokenizer, cfg, eos_ids) -> dict:
-    """Positions one epoch of rise.train runs over these episodes' examples (each state once, its attempts
-    packed after it, rise.pack) and the tokens it trains (the output matrix runs at those only)."""
+    """Positions one epoch of rise.train runs over these episodes' examples if each state's attempts share
+    one packed row (rise.pack; a state whose attempts fall in two micro-batches runs twice), the tokens it
+    trains (the output matrix runs at those only) and the keys they attend over (a token at position p: p + 1)."""
     import data
     import rise
 
-    states = {}
+    states = {}  # the grouping rise.train shuffles by
     for e in data.training_examples(episodes, tokenizer, rise.prompts_for(cfg), eos_ids, cfg.context):
         states.setdefault(tuple(e.ids[:e.mask.index(1)]), []).append(e)
     work = {"examples": 0, "positions": 0, "trained": 0, "attention_positions": 0}
-    for state, examples in states.items():
-        work["positions"] += len(state)
-        work["attention_positions"] += len(state) * (len(state) + 1) // 2
-        for e in examples:
-            n = len(e.ids) - len(state)
-            work["examples"] += 1
-            work["positions"] += n
-            work["trained"] += sum(e.mask)
-            work["attention_positions"] += n * len(state) + n * (n + 1) // 2
+    for examples in states.values():
+        ids, positions, segments, targets, owner = rise.pack(examples, 0, "cpu")
+        work["examples"] += len(examples)
+        work["positions"] += int((segments >= 0).sum())
+        work["trained"] += int((owner >= 0).sum())
+        work["attention_positions"] += int((positions[segments >= 0] + 1).sum())
     return work
 
 
@@ -558,8 +556,9 @@ def recipe_floor(out: Path) -> tuple[dict, list[dict]]:
     path = checks.base_checkpoint(cfg)
     args, tokenizer = M.check_checkpoint(path), data.Tokenizer(path)
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if rise.fast_bf16(cfg) else "float32"))
-    rates = {"gflops": matmul_gflops(dtype, "cpu"), "read_gbs": copy_bandwidth_gbs("cpu") / 2,
-             "dtype": str(dtype).removeprefix("torch.")}
+    # a floor takes the best rate this machine shows: one short measurement can land in a slow spell (seen: half)
+    rates = {"gflops": max(matmul_gflops(dtype, "cpu") for _ in range(5)),
+             "read_gbs": max(copy_bandwidth_gbs("cpu") for _ in range(5)) / 2, "dtype": str(dtype).removeprefix("torch.")}
     output = args.vocab_size * args.dim
     layers = parameter_count(args) - output * (1 if args.tie_word_embeddings else 2)  # the layers' weights
     attention = 4 * args.n_heads * args.head_dim * args.n_layers  # FLOPs per attended key, all layers
@@ -993,10 +992,10 @@ def main():
           f"{100 * speed['compiled_decode_b1'] / floor:.0f}% compiled")
     for batch, target in ((1, 1.8), (32, 2.0)):
         products, ours, hf = speed[f"products_s_b{batch}"], speed[f"ours_decode_b{batch}"], speed[f"hf_decode_b{batch}"]
-        packed = speed[f"our_products_s_b{batch}"]
-        cap = batch / packed  # tok/s if a step were its matrix products and nothing else
+        our_products = speed[f"our_products_s_b{batch}"]
+        cap = batch / our_products  # tok/s if a step were its matrix products and nothing else
         print(f"batch {batch}: of a step's {1e3 * batch / ours:.1f} ms (eager; transformers {1e3 * batch / hf:.1f} ms), "
-              f"the matrix products alone take {1e3 * packed:.1f} ms ({weights / packed / 1e9:.1f} GB/s of weights; "
+              f"the matrix products alone take {1e3 * our_products:.1f} ms ({weights / our_products / 1e9:.1f} GB/s of weights; "
               f"F.linear's, which transformers runs, {1e3 * products:.1f} ms), so model.py cannot decode faster than "
               f"{cap:.1f} tok/s = {cap / hf:.2f}x transformers ({target}x would need {target * hf:.1f})")
     # a training step's FLOPs: 6 per parameter per position (forward 2, backward 4), the output matrix included
