@@ -186,7 +186,7 @@ class RMSNorm(nn.Module):
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight), the products of every layer and of the output matrix. Without gradients, in bf16 on a
     CPU, oneDNN lays out a copy of the weight for its kernels once (remade when the weight changes in place),
-    where F.linear lays the weight out again at every call: the same numbers, 1.1-1.4x faster at 100 to 1
+    where F.linear lays the weight out again at every call: the same numbers, 1.2-1.8x faster at 100 to 1
     rows (docs/performance.md)."""
     if (torch.is_grad_enabled() or torch.compiler.is_compiling() or weight.dtype != torch.bfloat16
             or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available()):
